@@ -1,0 +1,51 @@
+"""The ``lomix`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="lomix",
+    help="Fine-tune frozen Hugging Face models with routed mixtures of LoRA experts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lomix import __version__
+
+        typer.echo(f"lomix {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fine-tune frozen Hugging Face models with routed mixtures of LoRA experts."""
+
+
+@app.command()
+def show(directory: Path = typer.Argument(..., help="A folder holding a saved lomix mixture.")) -> None:
+    """Print a saved mixture's config and metadata (no model is loaded)."""
+    from lomix.checkpoint import describe
+    from lomix.errors import LomixError
+
+    try:
+        info = describe(directory)
+    except LomixError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(info, indent=2, sort_keys=True))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,84 @@
+"""lomix: parameter-efficient fine-tuning with routed mixtures of LoRA experts.
+
+import lomix
+model = lomix.inject(model, lomix.MixtureConfig(target_modules=["q_proj", "v_proj"], num_experts=8))
+loss = model(**batch).loss + lomix.aux_loss(model)
+lomix.save(model, "run/mixture")
+model = lomix.load(base_model, "run/mixture")
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load, save
+from .config import BalanceConfig, MixtureConfig
+from .errors import (
+    ArchitectureMismatchError,
+    CheckpointError,
+    ConfigError,
+    CorruptFileError,
+    LomixError,
+    MissingFileError,
+    RoutingError,
+    ShapeMismatchError,
+    TargetModulesNotFoundError,
+    UnsupportedModuleError,
+)
+from .experts import ExpertBank
+from .inject import (
+    count_parameters,
+    eject,
+    find_targets,
+    inject,
+    mixture_layers,
+    mixture_parameters,
+    routing_context,
+)
+from .kernels import mixture_lora, mixture_lora_mixed
+from .layer import MixtureLinear
+from .losses import aux_loss, router_z_loss, switch_load_balancing_loss
+from .params import parameter_groups
+from .routers import Router, RouterConfig, available_routers, register_router, router_config
+from .routing import ParameterMixing, RoutingContext, TokenRouting
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ArchitectureMismatchError",
+    "BalanceConfig",
+    "CheckpointError",
+    "ConfigError",
+    "CorruptFileError",
+    "ExpertBank",
+    "LomixError",
+    "MissingFileError",
+    "MixtureConfig",
+    "MixtureLinear",
+    "ParameterMixing",
+    "Router",
+    "RouterConfig",
+    "RoutingContext",
+    "RoutingError",
+    "ShapeMismatchError",
+    "TargetModulesNotFoundError",
+    "TokenRouting",
+    "UnsupportedModuleError",
+    "__version__",
+    "aux_loss",
+    "available_routers",
+    "count_parameters",
+    "eject",
+    "find_targets",
+    "inject",
+    "load",
+    "mixture_layers",
+    "mixture_lora",
+    "mixture_lora_mixed",
+    "mixture_parameters",
+    "parameter_groups",
+    "register_router",
+    "router_config",
+    "router_z_loss",
+    "routing_context",
+    "save",
+    "switch_load_balancing_loss",
+]

@@ -1,0 +1,179 @@
+"""Save and load mixtures in the lomix format: ``lomix_config.json`` + ``lomix_model.safetensors``.
+
+Only the experts and routers are written (never the base model), and only safetensors is read:
+lomix never unpickles weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .atomic import atomic_directory
+from .config import MixtureConfig
+from .errors import (
+    ArchitectureMismatchError,
+    ConfigError,
+    CorruptFileError,
+    LomixError,
+    MissingFileError,
+    ShapeMismatchError,
+    TargetModulesNotFoundError,
+)
+from .inject import eject, inject, mixture_layers
+
+CONFIG_NAME = "lomix_config.json"
+WEIGHTS_NAME = "lomix_model.safetensors"
+FORMAT_VERSION = "1"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def mixture_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The mixture's own tensors (experts, routers, router buffers), keyed by full module path."""
+    state = {}
+    for name, layer in mixture_layers(model):
+        for key, value in layer.state_dict().items():
+            if not key.startswith("base_layer."):
+                state[f"{name}.{key}"] = value
+    return state
+
+
+def base_model_info(model: nn.Module) -> dict[str, str]:
+    config = getattr(model, "config", None)
+    return {
+        "base_model_type": str(getattr(config, "model_type", None) or type(model).__name__),
+        "base_model": str(getattr(config, "_name_or_path", "") or ""),
+    }
+
+
+def save(model: nn.Module, directory: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s mixture to ``directory`` atomically; returns the folder.
+
+    Other files already in the folder are kept; the two lomix files are replaced together.
+    """
+    state = getattr(model, "lomix_state", None)
+    if state is None:
+        raise LomixError(f"{type(model).__name__} holds no lomix mixture; nothing to save")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in mixture_state_dict(model).items()}
+    meta = {"format": "lomix", "format_version": FORMAT_VERSION, "lomix_version": __version__}
+    meta.update(base_model_info(model))
+    meta.update(metadata or {})
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        state.config.save(tmp / CONFIG_NAME)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
+    return directory
+
+
+def read_config(directory: str | Path) -> MixtureConfig:
+    """The `MixtureConfig` saved in a mixture folder, with errors naming the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MissingFileError(
+            f"{directory}: no such folder; expected a lomix mixture folder holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise MissingFileError(f"{path} is missing; a lomix mixture folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        return MixtureConfig.load(path)
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path}: not valid JSON ({exc})") from None
+    except ConfigError as exc:
+        raise ConfigError(exc.field, f"{exc.args[0].split(': ', 1)[-1]} (in {path})") from None
+
+
+def read_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a mixture folder's safetensors file; refuses pickle files."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        pickles = sorted(p.name for p in Path(directory).glob("*") if p.suffix in PICKLE_SUFFIXES)
+        hint = (
+            f"; found {', '.join(pickles)}, but lomix reads weights from safetensors only and never unpickles files"
+            if pickles
+            else ""
+        )
+        raise MissingFileError(f"{path} is missing{hint}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    return tensors, metadata
+
+
+def _check_base(directory: Path, metadata: dict[str, str], model: nn.Module) -> None:
+    saved_type = metadata.get("base_model_type")
+    actual = base_model_info(model)
+    if saved_type and saved_type != actual["base_model_type"]:
+        raise ArchitectureMismatchError(
+            f"{directory} holds a mixture for a {saved_type!r} model ({metadata.get('base_model') or 'unnamed'}), "
+            f"but the base model given is a {actual['base_model_type']!r} model ({actual['base_model'] or 'unnamed'})"
+        )
+
+
+def _load_tensors(directory: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    expected = mixture_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"the base model needs {len(missing)} tensors the file lacks (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"the file has {len(unexpected)} tensors for modules the base lacks (first: {unexpected[0]})")
+        raise ArchitectureMismatchError(f"{directory / WEIGHTS_NAME} does not fit this base model: " + "; ".join(parts))
+    for key, target in expected.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise ShapeMismatchError(
+                f"{directory / WEIGHTS_NAME}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                f"but the base model's module needs {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])
+
+
+def load(base_model: nn.Module, directory: str | Path, *, trainable: bool = False) -> nn.Module:
+    """Inject the mixture saved in ``directory`` into ``base_model`` and load its weights.
+
+    Everything is validated first; on any error the base model is left as it was. With
+    ``trainable=False`` (inference) every parameter is frozen; with True the mixture trains.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    tensors, metadata = read_weights(directory)
+    _check_base(directory, metadata, base_model)
+    try:
+        inject(base_model, config)
+    except TargetModulesNotFoundError as exc:
+        actual = base_model_info(base_model)
+        raise ArchitectureMismatchError(
+            f"{directory} was saved for a {metadata.get('base_model_type', '?')!r} model "
+            f"({metadata.get('base_model') or 'unnamed'}) and does not fit the base given "
+            f"({actual['base_model_type']!r}, {actual['base_model'] or 'unnamed'}): {exc}"
+        ) from None
+    try:
+        _load_tensors(directory, base_model, tensors)
+    except BaseException:
+        eject(base_model)
+        raise
+    if not trainable:
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+    return base_model
+
+
+def describe(directory: str | Path) -> dict[str, Any]:
+    """Config and metadata of a saved mixture, without loading a model."""
+    config = read_config(directory)
+    _, metadata = read_weights(directory)
+    return {"config": config.to_dict(), "metadata": metadata}

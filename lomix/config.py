@@ -1,0 +1,122 @@
+"""`MixtureConfig`: what a mixture is, saved beside its weights as ``lomix_config.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .kernels import BACKENDS
+from .routers import RouterConfig, router_config
+from .typed import from_dict, to_dict
+
+
+@dataclass
+class BalanceConfig:
+    """Auxiliary balance losses, summed over layers by `lomix.aux_loss(model)`."""
+
+    switch: float = field(
+        default=0.01,
+        metadata={"help": "coefficient of the Switch load-balancing loss E * sum_i f_i * P_i (0 disables it)"},
+    )
+    z_loss: float = field(
+        default=0.0, metadata={"help": "coefficient of the router z-loss mean(logsumexp(logits)^2) (0 disables it)"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("switch", "z_loss"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"balance.{name}", f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class MixtureConfig:
+    """A mixture of LoRA experts over a frozen model's linear layers."""
+
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={
+            "help": "modules to wrap: a list of names, each matching a module whose full name equals it or "
+            "ends with '.<name>', or one regular expression matched against the full name"
+        },
+    )
+    exclude_modules: list[str] = field(
+        default_factory=list, metadata={"help": "names (same matching as target_modules) never wrapped"}
+    )
+    num_experts: int = field(default=8, metadata={"help": "LoRA experts per wrapped layer"})
+    rank: int = field(default=8, metadata={"help": "rank r of every expert"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the delta is scaled by alpha / rank"})
+    use_rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(rank) instead (rsLoRA)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the experts' input (not the router's)"})
+    router: RouterConfig = field(
+        default_factory=lambda: router_config("topk"),
+        metadata={"help": "the router: a registered name plus that router's own fields"},
+    )
+    balance: BalanceConfig = field(default_factory=BalanceConfig, metadata={"help": "balance losses"})
+    kernel: str = field(
+        default="auto",
+        metadata={"help": "kernel backend: auto (Triton on CUDA, torch on CPU), torch or triton"},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = RouterConfig.from_config_dict(self.router)
+        if isinstance(self.balance, dict):
+            self.balance = from_dict(BalanceConfig, self.balance, "balance")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ConfigError("target_modules", f"invalid regular expression: {exc}") from None
+        elif not self.target_modules:
+            raise ConfigError("target_modules", "must name at least one module")
+        if self.num_experts < 1:
+            raise ConfigError("num_experts", f"must be >= 1, got {self.num_experts}")
+        if self.rank <= 0:
+            raise ConfigError("rank", f"must be a positive integer, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.kernel not in BACKENDS:
+            raise ConfigError("kernel", f"must be one of {', '.join(BACKENDS)}, got {self.kernel!r}")
+        self.router.validate(self.num_experts)
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scale s in y = W x + s * sum_e g_e B_e A_e x."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_modules": to_dict(self.target_modules),
+            "exclude_modules": list(self.exclude_modules),
+            "num_experts": self.num_experts,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "dropout": self.dropout,
+            "router": self.router.to_dict(),
+            "balance": to_dict(self.balance),
+            "kernel": self.kernel,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MixtureConfig:
+        return from_dict(cls, data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MixtureConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MixtureConfig:
+        return cls.from_json(Path(path).read_text())

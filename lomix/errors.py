@@ -1,0 +1,58 @@
+"""The errors lomix raises on bad input.
+
+Every error names the culprit (a config field, a module, a file) and what was expected, so that a
+user can fix the input without reading lomix's source. All of them derive from `LomixError`; each
+also derives from the built-in exception a caller would naturally catch (ValueError, TypeError,
+FileNotFoundError) so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class LomixError(Exception):
+    """Base class of every error lomix raises on purpose."""
+
+
+class ConfigError(LomixError, ValueError):
+    """A configuration field has an impossible value.
+
+    Args:
+        field: dotted name of the field (``router.k``).
+        message: what is wrong and what was expected.
+    """
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class TargetModulesNotFoundError(ConfigError):
+    """No module (or not every named module) of the model matches ``target_modules``."""
+
+
+class UnsupportedModuleError(LomixError, TypeError):
+    """A targeted module is of a type lomix cannot wrap."""
+
+
+class CheckpointError(LomixError):
+    """A saved mixture cannot be loaded (or written)."""
+
+
+class MissingFileError(CheckpointError, FileNotFoundError):
+    """A file a mixture needs is not there."""
+
+
+class CorruptFileError(CheckpointError):
+    """A file exists but cannot be parsed."""
+
+
+class ShapeMismatchError(CheckpointError):
+    """A saved tensor's shape does not match the module it belongs to."""
+
+
+class ArchitectureMismatchError(CheckpointError):
+    """A mixture was saved for a different base architecture or a different set of modules."""
+
+
+class RoutingError(LomixError, ValueError):
+    """A router was given inputs it cannot route (for example an unknown task id)."""

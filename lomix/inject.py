@@ -1,0 +1,192 @@
+"""Turn a frozen model into a mixture: find the target modules, wrap them, freeze the rest."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import MixtureConfig
+from .errors import LomixError, TargetModulesNotFoundError
+from .layer import MixtureLinear, linear_dims
+from .routers import Router
+from .routing import CONTEXT_KWARGS, ContextHolder, RoutingContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LomixState:
+    """What `inject` attaches to a model (as ``model.lomix_state``)."""
+
+    config: MixtureConfig
+    context: ContextHolder
+    hook: torch.utils.hooks.RemovableHandle
+    requires_grad_before: dict[str, bool]
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+            f"|| trainable%: {100 * self.fraction:.4f}"
+        )
+
+
+def _matches(name: str, patterns: Sequence[str] | str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _linear_like(module: nn.Module) -> bool:
+    try:
+        linear_dims(module)
+    except LomixError:
+        return False
+    return True
+
+
+def find_targets(model: nn.Module, config: MixtureConfig) -> list[str]:
+    """Names of the modules ``config`` targets, in model order.
+
+    Raises `TargetModulesNotFoundError` naming every listed target that matches nothing, with the
+    names of the model's linear layers to choose from; `UnsupportedModuleError` for a match that
+    is not a linear layer.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    selected = [n for n in names if _matches(n, config.target_modules)]
+    if isinstance(config.target_modules, str):
+        unmatched = [] if selected else [config.target_modules]
+    else:
+        unmatched = [t for t in config.target_modules if not any(_matches(n, [t]) for n in names)]
+    if unmatched:
+        available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _linear_like(m)})
+        raise TargetModulesNotFoundError(
+            "target_modules",
+            f"{', '.join(repr(u) for u in unmatched)} matched no module of {type(model).__name__}; "
+            f"its linear layers are named: {', '.join(available) or '(none)'}",
+        )
+    selected = [n for n in selected if not _matches(n, config.exclude_modules)]
+    if not selected:
+        raise TargetModulesNotFoundError("exclude_modules", "excludes every module target_modules selects")
+    for name in selected:
+        linear_dims(model.get_submodule(name), name)  # raises UnsupportedModuleError naming it
+    return selected
+
+
+def mixture_layers(model: nn.Module) -> Iterator[tuple[str, MixtureLinear]]:
+    """(name, layer) for every `MixtureLinear` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, MixtureLinear):
+            yield name, module
+
+
+def _context_pre_hook(holder: ContextHolder):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        fields = {key: kwargs.pop(key) for key in CONTEXT_KWARGS if key in kwargs}
+        task_ids = fields.get("task_ids")
+        if task_ids is not None and not isinstance(task_ids, torch.Tensor):
+            fields["task_ids"] = torch.as_tensor(task_ids, dtype=torch.long)
+        holder.set_current(RoutingContext(attention_mask=kwargs.get("attention_mask"), **fields))
+        return args, kwargs
+
+    return hook
+
+
+def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) -> nn.Module:
+    """Wrap ``model``'s target modules with `MixtureLinear`, in place, and freeze everything else.
+
+    Afterwards only expert and router parameters are trainable. The model's forward accepts the
+    routing keywords ``task_ids``, ``task_descriptions`` and ``task_embeddings`` (taken out before
+    the base model sees them) and reads its attention mask: they form the `RoutingContext` every
+    layer sees during that call. Returns ``model``.
+    """
+    if getattr(model, "lomix_state", None) is not None:
+        raise LomixError(f"{type(model).__name__} already holds a lomix mixture; load or inject into a fresh model")
+    targets = find_targets(model, config)
+    requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    holder = ContextHolder()
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MixtureLinear(getattr(parent, child), config, holder, name))
+    trainable = {id(p) for p in mixture_parameters(model)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
+    hook = model.register_forward_pre_hook(_context_pre_hook(holder), with_kwargs=True)
+    model.lomix_state = LomixState(config, holder, hook, requires_grad_before)
+    count = count_parameters(model)
+    (logger.warning if verbose else logger.info)("lomix: wrapped %d modules; %s", len(targets), count)
+    return model
+
+
+def mixture_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Every expert and router parameter of the model's mixture layers."""
+    for _, layer in mixture_layers(model):
+        yield from layer.experts.parameters()
+        yield from layer.router.parameters()
+
+
+def eject(model: nn.Module) -> nn.Module:
+    """Undo `inject`: put the base modules back, drop the experts, restore requires_grad."""
+    state = getattr(model, "lomix_state", None)
+    if state is None:
+        raise LomixError(f"{type(model).__name__} holds no lomix mixture to remove")
+    for name, layer in list(mixture_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    state.hook.remove()
+    del model.lomix_state
+    for name, param in model.named_parameters():
+        param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
+    return model
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return ParameterCount(trainable=trainable, total=total)
+
+
+def router_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    for module in model.modules():
+        if isinstance(module, Router):
+            yield from module.parameters()
+
+
+@contextlib.contextmanager
+def routing_context(model: nn.Module, **fields) -> Iterator[RoutingContext]:
+    """Pin routing information for every forward inside the block (e.g. ``model.generate``).
+
+    ``fields`` are `RoutingContext` fields other than the attention mask, which each call still
+    supplies: ``with lomix.routing_context(model, task_ids=[3]): model.generate(...)``.
+    """
+    state = getattr(model, "lomix_state", None)
+    if state is None:
+        raise LomixError(f"{type(model).__name__} holds no lomix mixture; call lomix.inject first")
+    if "task_ids" in fields and fields["task_ids"] is not None and not isinstance(fields["task_ids"], torch.Tensor):
+        fields["task_ids"] = torch.as_tensor(fields["task_ids"], dtype=torch.long)
+    context = RoutingContext(**fields)
+    state.context.push_pinned(context)
+    try:
+        yield context
+    finally:
+        state.context.pop_pinned()

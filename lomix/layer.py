@@ -1,0 +1,175 @@
+"""`MixtureLinear`: a frozen linear layer plus a routed mixture of LoRA experts.
+
+    y = W x + s * sum_{e in I(x)} g_e(x) * B_e A_e x
+
+The layer knows nothing about which router feeds it: only `TokenRouting` (per-token experts and
+gates, served by `lomix.kernels.mixture_lora`) or `ParameterMixing` (per-sequence mixed A and B).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MixtureConfig
+from .errors import RoutingError, UnsupportedModuleError
+from .experts import ExpertBank
+from .kernels import mixture_lora, mixture_lora_mixed
+from .losses import router_z_loss, switch_load_balancing_loss
+from .routers import build_router
+from .routing import ContextHolder, ParameterMixing, RoutingContext, TokenRouting
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for the library core
+        return None
+    return Conv1D
+
+
+def linear_dims(module: nn.Module, name: str = "") -> tuple[int, int]:
+    """(d_in, d_out) of a module lomix can wrap, or `UnsupportedModuleError` naming it."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        # GPT-2's Conv1D stores its weight as (d_in, d_out) and computes x @ W + b.
+        return module.weight.shape[0], module.weight.shape[1]
+    raise UnsupportedModuleError(
+        f"module {name or '?'!r} is a {type(module).__module__}.{type(module).__qualname__}; lomix wraps "
+        "torch.nn.Linear and transformers' Conv1D. Target its linear sub-modules instead."
+    )
+
+
+def _expert_dtype(base: nn.Module) -> torch.dtype:
+    """Experts train in fp32 over half-precision or quantized bases, in the base dtype otherwise."""
+    weight = getattr(base, "weight", None)
+    if weight is not None and weight.dtype in (torch.float32, torch.float64):
+        return weight.dtype
+    return torch.float32
+
+
+class MixtureLinear(nn.Module):
+    """Wraps a frozen linear ``base_layer`` with E LoRA experts and a router.
+
+    Attributes:
+        base_layer: the original module (frozen by `lomix.inject`).
+        experts: `ExpertBank`, A (E, r, d_in) and B (E, d_out, r).
+        router: the registered router built from ``config.router``.
+        aux_losses: weighted balance losses of the last training forward (see `lomix.aux_loss`).
+        last_routing: the last routing decision, kept only while ``record_routing`` is True
+            (statistics collection); otherwise None so no graph is held.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        config: MixtureConfig,
+        context: ContextHolder | None = None,
+        name: str = "",
+    ):
+        super().__init__()
+        self.d_in, self.d_out = linear_dims(base_layer, name)
+        self.base_layer = base_layer
+        weight = getattr(base_layer, "weight", None)
+        self.experts = ExpertBank(
+            config.num_experts,
+            config.rank,
+            self.d_in,
+            self.d_out,
+            dtype=_expert_dtype(base_layer),
+            device=weight.device if weight is not None else None,
+        )
+        self.router = build_router(config.router, self.d_in, config.num_experts)
+        self.router.to(device=weight.device if weight is not None else None)
+        check = getattr(self.router, "check_layer", None)
+        if check is not None:
+            check(name, self.d_in, self.d_out)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scale = config.scale
+        self.kernel = config.kernel
+        self.balance = config.balance
+        self.layer_name = name
+        self._context = context if context is not None else ContextHolder()
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self.record_routing = False
+        self.last_routing: TokenRouting | ParameterMixing | None = None
+        self.disabled = False
+
+    # Modules such as T5's feed-forward read ``.weight`` of their projections directly.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        context = self._context.get()
+        routing = self.router(x, context)
+        expert_x = self.dropout(x).to(self.experts.A.dtype)
+        if isinstance(routing, TokenRouting):
+            result = self._token_routed(expert_x, out, routing)
+        elif isinstance(routing, ParameterMixing):
+            result = self._parameter_mixed(expert_x, out, routing)
+        else:
+            raise RoutingError(
+                f"router {self.router.name!r} returned {type(routing).__name__}; "
+                "expected TokenRouting or ParameterMixing"
+            )
+        self._record(routing, context)
+        return result
+
+    def _token_routed(self, x: torch.Tensor, out: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
+        A, B = self.experts.A, self.experts.B
+        flat_x = x.reshape(-1, self.d_in)
+        if out.dtype == x.dtype:  # fuse the residual add into the kernel
+            fused = mixture_lora(
+                flat_x,
+                A,
+                B,
+                routing.indices,
+                routing.gates,
+                self.scale,
+                out=out.reshape(-1, self.d_out),
+                backend=self.kernel,
+            )
+            return fused.view(out.shape)
+        delta = mixture_lora(flat_x, A, B, routing.indices, routing.gates, self.scale, backend=self.kernel)
+        return out + delta.view(out.shape).to(out.dtype)
+
+    def _parameter_mixed(self, x: torch.Tensor, out: torch.Tensor, routing: ParameterMixing) -> torch.Tensor:
+        batch = x.shape[0]
+        if x.dim() < 2 or routing.weights.shape[0] != batch:
+            raise RoutingError(
+                f"{self.layer_name}: parameter mixing has {routing.weights.shape[0]} rows but the input "
+                f"has shape {tuple(x.shape)}; expected (batch, ..., d_in) with the same batch"
+            )
+        delta = mixture_lora_mixed(
+            x.reshape(batch, -1, self.d_in), self.experts.A, self.experts.B, routing.weights, self.scale
+        )
+        return out + delta.view(out.shape).to(out.dtype)
+
+    def _record(self, routing: TokenRouting | ParameterMixing, context: RoutingContext) -> None:
+        self.last_routing = routing if self.record_routing else None
+        losses: dict[str, torch.Tensor] = {}
+        if self.training:
+            if isinstance(routing, TokenRouting):
+                mask = context.token_mask(routing.num_tokens)
+                if self.balance.switch > 0 and routing.probs is not None:
+                    losses["switch"] = self.balance.switch * switch_load_balancing_loss(
+                        routing.probs, routing.indices, mask
+                    )
+                if self.balance.z_loss > 0 and routing.logits is not None:
+                    losses["z_loss"] = self.balance.z_loss * router_z_loss(routing.logits, mask)
+            # Routers that define their own objective (already weighted) report it as aux "loss_*".
+            losses.update({k: v for k, v in routing.aux.items() if k.startswith("loss_")})
+        self.aux_losses = losses
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, scale={self.scale:g}, kernel={self.kernel}"

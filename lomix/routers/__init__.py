@@ -1,0 +1,32 @@
+"""Routers: one file per routing method, registered by name with its config dataclass."""
+
+from .base import (
+    Router,
+    RouterConfig,
+    available_routers,
+    build_router,
+    register_router,
+    router_class,
+    router_config,
+    router_config_from_dict,
+)
+from .dense import DenseRouter, DenseRouterConfig
+from .fixed import FixedRouter, FixedRouterConfig
+from .topk import TopKRouter, TopKRouterConfig
+
+__all__ = [
+    "DenseRouter",
+    "DenseRouterConfig",
+    "FixedRouter",
+    "FixedRouterConfig",
+    "Router",
+    "RouterConfig",
+    "TopKRouter",
+    "TopKRouterConfig",
+    "available_routers",
+    "build_router",
+    "register_router",
+    "router_class",
+    "router_config",
+    "router_config_from_dict",
+]
