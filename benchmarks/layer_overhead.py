@@ -126,7 +126,7 @@ def main() -> None:
     results["strategies"] = []
     x = torch.randn(1024, d, requires_grad=True)
     grad = torch.randn(1024, d)
-    for n_exp in (8, 16, 32, 64):
+    for n_exp in (8, 16, 32, 64, 128):
         base, mixture, _ = make_layers(d, rank, n_exp, k)
         table = ratio_table(
             {
