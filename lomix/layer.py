@@ -112,7 +112,7 @@ class MixtureLinear(nn.Module):
             return out
         context = self._context.get()
         routing = self.router(x, context)
-        expert_x = self.dropout(x).to(self.experts.A.dtype)
+        expert_x = self.dropout(x)
         if isinstance(routing, TokenRouting):
             result = self._token_routed(expert_x, out, routing)
         elif isinstance(routing, ParameterMixing):
@@ -151,7 +151,11 @@ class MixtureLinear(nn.Module):
                 f"has shape {tuple(x.shape)}; expected (batch, ..., d_in) with the same batch"
             )
         delta = mixture_lora_mixed(
-            x.reshape(batch, -1, self.d_in), self.experts.A, self.experts.B, routing.weights, self.scale
+            x.reshape(batch, -1, self.d_in).to(self.experts.A.dtype),
+            self.experts.A,
+            self.experts.B,
+            routing.weights,
+            self.scale,
         )
         return out + delta.view(out.shape).to(out.dtype)
 

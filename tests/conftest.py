@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under the interpreter. Triton reads this variable when it is
+# first imported, and some dependencies (bitsandbytes, peft) import it early: set it first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclass

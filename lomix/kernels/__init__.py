@@ -4,8 +4,11 @@
 ``scale * sum_j gates[t, j] * B[indices[t, j]] @ A[indices[t, j]] @ x[t]`` with autograd through
 x, A, B and gates. Shapes: x (T, d_in), A (E, r, d_in), B (E, d_out, r), indices (T, k) int64,
 gates (T, k) -> (T, d_out) in x's dtype. With ``out`` (T, d_out, x's dtype) the call returns
-``out + delta`` with the add fused into the kernel (the base layer's output, say); ``out`` itself
-is not modified.
+``out + delta`` with the add fused into the kernel (the base layer's output, say); a backend may
+add into ``out`` in place (Triton does), so do not use ``out`` afterwards.
+
+x may have another float dtype than A and B: the torch backend computes in the experts' dtype,
+the Triton backend in x's dtype (tensor cores) with fp32 accumulation.
 
 Backends: ``torch`` (reference, CPU path) and ``triton`` (GPU). ``auto`` picks Triton on CUDA when
 it is installed and torch otherwise; the environment variable ``LOMIX_KERNEL=torch|triton``
@@ -17,7 +20,6 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -37,14 +39,18 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _triton_impl() -> Callable | None:
-    """The Triton backend's entry point, or None (with one warning) when it cannot be used."""
+_triton_broken: str | None = None
+
+
+def _triton_module():
+    """The Triton backend module, or None (with one warning) when Triton cannot be imported."""
+    if _triton_broken is not None:
+        return None
     try:
-        module = importlib.import_module("lomix.kernels.triton_backend")
-    except ImportError as exc:
+        return importlib.import_module("lomix.kernels.triton_backend")
+    except Exception as exc:  # ImportError, or a Triton install that fails while importing
         _warn_once(f"lomix: the Triton kernel backend is unavailable ({exc}); using the torch backend")
         return None
-    return module.mixture_lora_triton
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -60,7 +66,14 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         return "torch"
     if requested == "auto" and device.type != "cuda":
         return "torch"
-    return "triton" if _triton_impl() is not None else "torch"
+    module = _triton_module()
+    if module is None:
+        return "torch"
+    reason = module.unusable_reason(device)
+    if reason is not None:
+        _warn_once(f"lomix: {reason}; using the torch backend")
+        return "torch"
+    return "triton"
 
 
 def _check(
@@ -96,9 +109,19 @@ def mixture_lora(
     backend: str = "auto",
 ) -> torch.Tensor:
     """The routed LoRA delta, or ``out + delta`` (see module docstring for the math and shapes)."""
+    global _triton_broken
     _check(x, A, B, indices, gates, out)
     if resolve_backend(backend, x.device) == "triton":
-        return _triton_impl()(x, A, B, indices, gates, scale, out=out)
+        try:
+            return _triton_module().mixture_lora_triton(x, A, B, indices, gates, scale, out)
+        except (ValueError, TypeError):
+            raise
+        except Exception as exc:  # a broken Triton (compiler, driver): never wrong results, fall back
+            _triton_broken = f"{type(exc).__name__}: {exc}"
+            _warn_once(f"lomix: the Triton kernels failed ({_triton_broken}); using the torch backend from now on")
+    if x.dtype != A.dtype:
+        delta = mixture_lora_torch(x.to(A.dtype), A, B, indices, gates, scale).to(x.dtype)
+        return delta if out is None else out + delta
     return mixture_lora_torch(x, A, B, indices, gates, scale, out)
 
 

@@ -1,0 +1,313 @@
+"""GPU benchmark of the mixture layer: Triton kernels vs the torch backends, a per-expert loop
+and PEFT's X-LoRA layer, as ratios to the frozen base F.linear of the same shape.
+
+    python benchmarks/kernels.py [--quick] [--out-dir benchmarks/results]
+
+Protocol (PERFORMANCE.md): triton.testing.do_bench medians (warm-up 25 ms, 100 ms of repeats),
+do_bench_cudagraph for the forward at T <= 64, the base F.linear timed in the same run, routing
+included in every timed region (router GEMM, softmax, top-k), router skew swept: the experts each
+token uses are drawn from a uniform, a Zipf(1.5) or a "one expert takes 50%" distribution, and the
+gates are the router probabilities of those experts, renormalised. Shapes: T in {1, 16, 64, 1024,
+8192}, d = 4096, r = 16, E = 8, k = 2, bf16. Also checks the Triton output against an fp32
+reference at every shape and reports the activation bytes each implementation saves for backward.
+Writes kernels_gpu.json and kernels_gpu.md to --out-dir.
+
+``--smoke`` runs the whole script on tiny shapes under the Triton interpreter on the CPU (no GPU):
+it checks that the script works and writes nothing; its "timings" mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
+
+from lomix.kernels import torch_backend, triton_backend  # noqa: E402
+
+DEVICE = "cpu" if SMOKE else "cuda"
+
+
+def skewed_indices(tokens: int, experts: int, k: int, skew: str, generator: torch.Generator) -> torch.Tensor:
+    """(T, k) distinct experts per token, drawn without replacement from the skew's distribution."""
+    if skew == "uniform":
+        weights = torch.ones(experts)
+    elif skew == "zipf1.5":
+        weights = 1.0 / torch.arange(1, experts + 1).double() ** 1.5
+    elif skew == "hot50":  # expert 0 gets about half of all (token, slot) assignments
+        weights = torch.full((experts,), 1.0)
+        weights[0] = 1e6  # always first choice: with k=2 it holds 50% of the slots
+    else:
+        raise ValueError(skew)
+    return torch.multinomial(weights.float().expand(tokens, -1), k, replacement=False, generator=generator)
+
+
+class Layer:
+    """The tensors of one mixture layer and the timed implementations over them."""
+
+    def __init__(self, tokens, d, rank, experts, k, skew, dtype, device=DEVICE):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(tokens, d, generator=g).to(device, dtype).requires_grad_()
+        self.W = (torch.randn(d, d, generator=g) / d**0.5).to(device, dtype)
+        self.A = (torch.randn(experts, rank, d, generator=g) / d**0.5).to(device, dtype).requires_grad_()
+        self.B = (torch.randn(experts, d, rank, generator=g) / rank**0.5).to(device, dtype).requires_grad_()
+        self.router = (torch.randn(experts, d, generator=g) * 0.02).to(device, dtype).requires_grad_()
+        self.indices = skewed_indices(tokens, experts, k, skew, g).to(device)
+        self.grad = torch.randn(tokens, d, generator=g).to(device, dtype)
+        self.k, self.scale, self.experts, self.rank = k, 2.0, experts, rank
+        self.xlora = None
+
+    def route(self, x):
+        probs = F.linear(x, self.router).float().softmax(-1)
+        probs.topk(self.k, dim=-1)  # a real router's selection cost, kept in the timed region
+        gates = probs.gather(1, self.indices)
+        return self.indices, gates / gates.sum(-1, keepdim=True)
+
+    def base(self, x):
+        return F.linear(x, self.W)
+
+    def triton(self, x):
+        idx, gates = self.route(x)
+        return triton_backend.mixture_lora_triton(x, self.A, self.B, idx, gates.to(x.dtype), self.scale, self.base(x))
+
+    def torch_dense(self, x):
+        idx, gates = self.route(x)
+        return torch_backend.mixture_lora_dense(x, self.A, self.B, idx, gates, self.scale, self.base(x))
+
+    def torch_sorted(self, x):
+        idx, gates = self.route(x)
+        return torch_backend.mixture_lora_sorted(x, self.A, self.B, idx, gates, self.scale, self.base(x))
+
+    def loop(self, x):
+        idx, gates = self.route(x)
+        out = self.base(x)
+        for e in range(self.experts):
+            token, slot = torch.where(idx == e)
+            y = (x[token] @ self.A[e].T) @ self.B[e].T
+            out = out.index_add(0, token, y * (gates[token, slot] * self.scale).unsqueeze(-1).to(y.dtype))
+        return out
+
+    def build_xlora(self):
+        """PEFT's own X-LoRA layer over a LoRA layer holding the same E experts (named "0".."E-1")."""
+        from peft import LoraConfig
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.xlora.config import XLoraConfig
+        from peft.tuners.xlora.layer import XLoraLinearLayer
+
+        d = self.W.shape[0]
+        base = torch.nn.Linear(d, d, bias=False, device=DEVICE, dtype=self.W.dtype)
+        base.weight.data.copy_(self.W)
+        base.requires_grad_(False)
+        config = LoraConfig(r=self.rank, lora_alpha=2 * self.rank)
+        target = LoraLinear(base, adapter_name="0", config=config, r=self.rank, lora_alpha=2 * self.rank)
+        for e in range(1, self.experts):
+            target.update_layer(str(e), r=self.rank, lora_alpha=2 * self.rank, config=config)
+        target.to(device=DEVICE, dtype=self.W.dtype)
+        target.set_adapter([str(e) for e in range(self.experts)])
+        xconfig = XLoraConfig(hidden_size=d, adapters={str(e): "-" for e in range(self.experts)}, top_k_lora=self.k)
+        self.xlora = XLoraLinearLayer(types.SimpleNamespace(disabled=False), target, target.forward, 0, xconfig)
+
+    def peft_xlora(self, x):
+        probs = F.linear(x, self.router).float().softmax(-1)
+        scalings = probs.to(x.dtype).view(1, x.shape[0], 1, -1)  # (batch, seq, layers, experts)
+        return self.xlora.forward(x.unsqueeze(0), scalings=scalings).squeeze(0)
+
+
+def _smoke_timer(fn, **_) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+if SMOKE:
+    do_bench = do_bench_cudagraph = _smoke_timer
+
+
+def bench(fn, backward: bool, layer: Layer, graph: bool) -> float:
+    if backward:
+
+        def run():
+            layer.x.grad = layer.A.grad = layer.B.grad = layer.router.grad = None
+            fn(layer.x).backward(layer.grad)
+
+        return do_bench(run, warmup=25, rep=100)
+    x = layer.x.detach()
+
+    def forward():
+        with torch.no_grad():
+            fn(x)
+
+    if graph:
+        return do_bench_cudagraph(forward, rep=100)
+    return do_bench(forward, warmup=25, rep=100)
+
+
+def saved_bytes(fn, layer: Layer) -> int:
+    """Bytes of activations autograd keeps for backward (parameters and the input x excluded)."""
+    params = {p.data_ptr() for p in (layer.A, layer.B, layer.router, layer.W, layer.x)}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(layer.x)
+    return sum(seen.values())
+
+
+def check(layer: Layer) -> float:
+    """Max abs error of the Triton forward vs an fp32 reference, relative to the delta's max."""
+    x = layer.x.detach()
+    with torch.no_grad():
+        idx, gates = layer.route(x)
+        ref = torch_backend.mixture_lora_dense(x.float(), layer.A.float(), layer.B.float(), idx, gates, layer.scale)
+        ours = triton_backend.mixture_lora_triton(x, layer.A, layer.B, idx, gates.to(x.dtype), layer.scale).float()
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def breakdown(layer: Layer) -> dict[str, float]:
+    """Milliseconds of the Triton forward's pieces (plan, shrink, expand) and of its backward."""
+    x = layer.x.detach()
+    idx, gates = layer.route(x)
+    gates = gates.to(x.dtype)
+    num_experts, rank, _ = layer.A.shape
+    plan = triton_backend.make_plan(idx, num_experts, triton_backend._block_m(idx.numel()))
+    dot = triton_backend._dot_dtype(x.dtype)
+    a, b = layer.A.detach(), layer.B.detach()
+    h = triton_backend.shrink(x, a, a.stride(), rank, plan, dot)
+    coef = triton_backend.pair_coefficients(gates, plan, layer.scale)
+    out = torch.zeros(x.shape[0], b.shape[1], device=x.device, dtype=x.dtype)
+    result = {
+        "plan": do_bench(lambda: triton_backend.make_plan(idx, num_experts, plan.block_m)),
+        "shrink": do_bench(lambda: triton_backend.shrink(x, a, a.stride(), rank, plan, dot)),
+        "expand": do_bench(lambda: triton_backend.expand(h, coef, b, b.stride(), out, plan, dot)),
+        "base_fwd": do_bench(lambda: layer.base(x)),
+    }
+    xg = x.clone().requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+    g = gates.clone().requires_grad_()
+
+    def backward_only():
+        y = triton_backend.mixture_lora_triton(xg, a, b, idx, g, layer.scale)
+        torch.autograd.grad(y, (xg, a, b, g), layer.grad)
+
+    result["fwd+bwd"] = do_bench(backward_only)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="T in {16, 8192}, uniform skew only")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter; writes nothing")
+    args = parser.parse_args()
+    d, rank, experts, k, dtype = 4096, 16, 8, 2, torch.bfloat16
+    token_counts = (16, 8192) if args.quick else (1, 16, 64, 1024, 8192)
+    skews = ("uniform",) if args.quick else ("uniform", "zipf1.5", "hot50")
+    if args.smoke:
+        d, dtype, token_counts, skews = 32, torch.float32, (3, 40), ("uniform", "hot50")
+    else:
+        assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    impls = ["triton", "torch_dense", "torch_sorted", "loop", "peft_xlora"]
+    info = {
+        "gpu": "cpu-smoke" if args.smoke else torch.cuda.get_device_name(),
+        "capability": "-" if args.smoke else ".".join(map(str, torch.cuda.get_device_capability())),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "shape": {"d": d, "r": rank, "E": experts, "k": k, "dtype": str(dtype).removeprefix("torch.")},
+    }
+    print(json.dumps(info))
+    rows, notes = [], {}
+    for tokens in token_counts:
+        for skew in skews:
+            layer = Layer(tokens, d, rank, experts, k, skew, dtype)
+            try:
+                layer.build_xlora()
+            except Exception as exc:  # "where it installs": record why not
+                notes["peft_xlora"] = f"{type(exc).__name__}: {exc}"
+            row = {"T": tokens, "skew": skew, "max_rel_err": check(layer)}
+            for backward in (False, True):
+                graph = not backward and tokens <= 64
+                label = "fwd+bwd" if backward else "fwd"
+                base_ms = bench(layer.base, backward=False, layer=layer, graph=graph)
+                if backward:  # base fwd+bwd: dx only (the base weight is frozen)
+                    base_ms = bench(layer.base, backward=True, layer=layer, graph=False)
+                row[f"{label}_base_ms"] = base_ms
+                for name in impls:
+                    if name == "peft_xlora" and layer.xlora is None:
+                        continue
+                    try:
+                        ms = bench(getattr(layer, name), backward, layer, graph)
+                        row[f"{label}_{name}"] = ms / base_ms
+                    except Exception as exc:
+                        notes[f"{name} {label} T={tokens}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if tokens == token_counts[-1] and skew == "uniform":
+                for name in ("triton", "torch_dense", "loop"):
+                    row[f"saved_MiB_{name}"] = saved_bytes(getattr(layer, name), layer) / 2**20
+                row["triton_breakdown_ms"] = breakdown(layer)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del layer
+            if not args.smoke:
+                torch.cuda.empty_cache()
+    if args.smoke:
+        print(f"smoke run finished: {len(rows)} rows, notes: {notes}")
+        return
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels_gpu.json").write_text(json.dumps({"info": info, "rows": rows, "notes": notes}, indent=2) + "\n")
+    lines = [
+        f"# Mixture layer / base F.linear on {info['gpu']} (torch {info['torch']}, triton {info['triton']})",
+        "",
+        "d=4096, r=16, E=8, k=2, bf16; routing included; medians of triton.testing.do_bench "
+        "(forward at T<=64 with CUDA graphs). Ratios to the base F.linear of the same shape.",
+        "",
+        "| T | skew | pass | lomix Triton | torch dense-masked | torch sorted | per-expert loop | PEFT X-LoRA layer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for label in ("fwd", "fwd+bwd"):
+            cells = [f"{row[f'{label}_{n}']:.3f}" if f"{label}_{n}" in row else "-" for n in impls]
+            lines.append(f"| {row['T']} | {row['skew']} | {label} | " + " | ".join(cells) + " |")
+    errors = ", ".join(f"T={r['T']} {r['skew']}: {r['max_rel_err']:.1e}" for r in rows)
+    lines += ["", f"Triton forward vs fp32 reference, max abs error / max |delta|: {errors}"]
+    saved = [r for r in rows if "saved_MiB_triton" in r]
+    if saved:
+        r = saved[0]
+        lines += [
+            "",
+            f"Activations saved for backward at T={r['T']} (excluding x and parameters): Triton "
+            f"{r['saved_MiB_triton']:.1f} MiB, torch dense {r['saved_MiB_torch_dense']:.1f} MiB, "
+            f"loop {r['saved_MiB_loop']:.1f} MiB (x itself is {r['T'] * d * 2 / 2**20:.0f} MiB).",
+        ]
+    for r in rows:
+        if "triton_breakdown_ms" in r:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in r["triton_breakdown_ms"].items())
+            lines += ["", f"Triton pieces at T={r['T']} (ms, for reading only, not a result): {parts}"]
+    if notes:
+        lines += ["", "Notes:"] + [f"- {k}: {v}" for k, v in notes.items()]
+    (out / "kernels_gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
