@@ -80,9 +80,17 @@ class Layer:
     def base(self, x):
         return F.linear(x, self.W)
 
-    def triton(self, x):
+    def _triton(self, x, strategy):
         idx, gates = self.route(x)
-        return triton_backend.mixture_lora_triton(x, self.A, self.B, idx, gates.to(x.dtype), self.scale, self.base(x))
+        return triton_backend.mixture_lora_triton(
+            x, self.A, self.B, idx, gates.to(x.dtype), self.scale, self.base(x), strategy=strategy
+        )
+
+    def triton_masked(self, x):
+        return self._triton(x, "masked")
+
+    def triton_sorted(self, x):
+        return self._triton(x, "sorted")
 
     def torch_dense(self, x):
         idx, gates = self.route(x)
@@ -137,6 +145,10 @@ if SMOKE:
     do_bench = do_bench_cudagraph = _smoke_timer
 
 
+# These synchronise with the host (.tolist(), boolean indexing): no CUDA-graph capture.
+NOT_GRAPHABLE = {"torch_sorted", "loop"}
+
+
 def bench(fn, backward: bool, layer: Layer, graph: bool) -> float:
     if backward:
 
@@ -172,44 +184,40 @@ def saved_bytes(fn, layer: Layer) -> int:
 
 
 def check(layer: Layer) -> float:
-    """Max abs error of the Triton forward vs an fp32 reference, relative to the delta's max."""
+    """Max abs error of both Triton forwards vs an fp32 reference, relative to the delta's max."""
     x = layer.x.detach()
     with torch.no_grad():
         idx, gates = layer.route(x)
         ref = torch_backend.mixture_lora_dense(x.float(), layer.A.float(), layer.B.float(), idx, gates, layer.scale)
-        ours = triton_backend.mixture_lora_triton(x, layer.A, layer.B, idx, gates.to(x.dtype), layer.scale).float()
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
+        errors = []
+        for strategy in ("masked", "sorted"):
+            ours = triton_backend.mixture_lora_triton(
+                x, layer.A, layer.B, idx, gates.to(x.dtype), layer.scale, strategy=strategy
+            ).float()
+            errors.append(((ours - ref).abs().max() / ref.abs().max()).item())
+    return max(errors)
 
 
 def breakdown(layer: Layer) -> dict[str, float]:
-    """Milliseconds of the Triton forward's pieces (plan, shrink, expand) and of its backward."""
+    """Milliseconds of the pieces of each Triton strategy's forward, and of the base, for reading."""
     x = layer.x.detach()
     idx, gates = layer.route(x)
     gates = gates.to(x.dtype)
-    num_experts, rank, _ = layer.A.shape
-    plan = triton_backend.make_plan(idx, num_experts, triton_backend._block_m(idx.numel()))
-    dot = triton_backend._dot_dtype(x.dtype)
     a, b = layer.A.detach(), layer.B.detach()
-    h = triton_backend.shrink(x, a, a.stride(), rank, plan, dot)
-    coef = triton_backend.pair_coefficients(gates, plan, layer.scale)
-    out = torch.zeros(x.shape[0], b.shape[1], device=x.device, dtype=x.dtype)
-    result = {
-        "plan": do_bench(lambda: triton_backend.make_plan(idx, num_experts, plan.block_m)),
-        "shrink": do_bench(lambda: triton_backend.shrink(x, a, a.stride(), rank, plan, dot)),
-        "expand": do_bench(lambda: triton_backend.expand(h, coef, b, b.stride(), out, plan, dot)),
+    num_experts = a.shape[0]
+    block_m = triton_backend._block_m(idx.numel())
+    return {
         "base_fwd": do_bench(lambda: layer.base(x)),
+        "router": do_bench(lambda: layer.route(x)),
+        "sorted_plan": do_bench(lambda: triton_backend.make_plan(idx, num_experts, block_m)),
+        "sorted_delta": do_bench(
+            lambda: triton_backend.mixture_lora_triton(x, a, b, idx, gates, 2.0, strategy="sorted")
+        ),
+        "masked_shrink_gemm": do_bench(lambda: x @ triton_backend._cat_a(a, x.dtype).t()),
+        "masked_delta": do_bench(
+            lambda: triton_backend.mixture_lora_triton(x, a, b, idx, gates, 2.0, strategy="masked")
+        ),
     }
-    xg = x.clone().requires_grad_()
-    a.requires_grad_()
-    b.requires_grad_()
-    g = gates.clone().requires_grad_()
-
-    def backward_only():
-        y = triton_backend.mixture_lora_triton(xg, a, b, idx, g, layer.scale)
-        torch.autograd.grad(y, (xg, a, b, g), layer.grad)
-
-    result["fwd+bwd"] = do_bench(backward_only)
-    return result
 
 
 def main() -> None:
@@ -225,7 +233,7 @@ def main() -> None:
         d, dtype, token_counts, skews = 32, torch.float32, (3, 40), ("uniform", "hot50")
     else:
         assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    impls = ["triton", "torch_dense", "torch_sorted", "loop", "peft_xlora"]
+    impls = ["triton_masked", "triton_sorted", "torch_dense", "torch_sorted", "loop", "peft_xlora"]
     info = {
         "gpu": "cpu-smoke" if args.smoke else torch.cuda.get_device_name(),
         "capability": "-" if args.smoke else ".".join(map(str, torch.cuda.get_device_capability())),
@@ -256,12 +264,12 @@ def main() -> None:
                     if name == "peft_xlora" and layer.xlora is None:
                         continue
                     try:
-                        ms = bench(getattr(layer, name), backward, layer, graph)
+                        ms = bench(getattr(layer, name), backward, layer, graph and name not in NOT_GRAPHABLE)
                         row[f"{label}_{name}"] = ms / base_ms
                     except Exception as exc:
                         notes[f"{name} {label} T={tokens}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             if tokens == token_counts[-1] and skew == "uniform":
-                for name in ("triton", "torch_dense", "loop"):
+                for name in ("triton_masked", "triton_sorted", "torch_dense", "loop"):
                     row[f"saved_MiB_{name}"] = saved_bytes(getattr(layer, name), layer) / 2**20
                 row["triton_breakdown_ms"] = breakdown(layer)
             rows.append(row)
@@ -281,8 +289,9 @@ def main() -> None:
         "d=4096, r=16, E=8, k=2, bf16; routing included; medians of triton.testing.do_bench "
         "(forward at T<=64 with CUDA graphs). Ratios to the base F.linear of the same shape.",
         "",
-        "| T | skew | pass | lomix Triton | torch dense-masked | torch sorted | per-expert loop | PEFT X-LoRA layer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| T | skew | pass | Triton masked | Triton sorted | torch dense-masked | torch sorted | per-expert loop "
+        "| PEFT X-LoRA layer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         for label in ("fwd", "fwd+bwd"):
@@ -290,13 +299,14 @@ def main() -> None:
             lines.append(f"| {row['T']} | {row['skew']} | {label} | " + " | ".join(cells) + " |")
     errors = ", ".join(f"T={r['T']} {r['skew']}: {r['max_rel_err']:.1e}" for r in rows)
     lines += ["", f"Triton forward vs fp32 reference, max abs error / max |delta|: {errors}"]
-    saved = [r for r in rows if "saved_MiB_triton" in r]
+    saved = [r for r in rows if "saved_MiB_triton_masked" in r]
     if saved:
         r = saved[0]
         lines += [
             "",
-            f"Activations saved for backward at T={r['T']} (excluding x and parameters): Triton "
-            f"{r['saved_MiB_triton']:.1f} MiB, torch dense {r['saved_MiB_torch_dense']:.1f} MiB, "
+            f"Activations saved for backward at T={r['T']} (excluding x and parameters): Triton masked "
+            f"{r['saved_MiB_triton_masked']:.1f} MiB, Triton sorted {r['saved_MiB_triton_sorted']:.1f} MiB, "
+            f"torch dense {r['saved_MiB_torch_dense']:.1f} MiB, "
             f"loop {r['saved_MiB_loop']:.1f} MiB (x itself is {r['T'] * d * 2 / 2**20:.0f} MiB).",
         ]
     for r in rows:

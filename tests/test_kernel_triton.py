@@ -53,17 +53,25 @@ def reference(x, A, B, indices, gates, scale):
     return mixture_lora_dense(x.float(), A, B, indices, gates, scale).to(x.dtype)
 
 
-def assert_matches(tokens, d_in, d_out, rank, experts, k, dtype=torch.float32, indices=None):
+STRATEGIES = ["masked", "sorted"]
+
+
+def assert_matches(tokens, d_in, d_out, rank, experts, k, dtype=torch.float32, indices=None, strategy="sorted"):
     data = problem(tokens, d_in, d_out, rank, experts, k, dtype, indices=indices)
-    ours = run(triton_backend.mixture_lora_triton, *data)
+
+    def triton_fn(*args):
+        return triton_backend.mixture_lora_triton(*args, strategy=strategy)
+
+    ours = run(triton_fn, *data)
     ref = run(reference, *data)
     tol, weight_tol = TOLERANCE[dtype]
     for name, a, b in zip(("out", "dx", "dA", "dB", "dgates"), ours, ref, strict=True):
         t = weight_tol if name in ("dA", "dB") else tol
         assert a.dtype == b.dtype, name
-        torch.testing.assert_close(a.float(), b.float(), rtol=t, atol=t, msg=f"{name} differs ({dtype})")
+        torch.testing.assert_close(a.float(), b.float(), rtol=t, atol=t, msg=f"{name} differs ({dtype}, {strategy})")
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize(
     "tokens,d_in,d_out,rank,experts,k",
     [
@@ -75,26 +83,42 @@ def assert_matches(tokens, d_in, d_out, rank, experts, k, dtype=torch.float32, i
         (9, 20, 36, 16, 8, 1),
     ],
 )
-def test_fp32_forward_and_gradients_match_reference(tokens, d_in, d_out, rank, experts, k):
-    assert_matches(tokens, d_in, d_out, rank, experts, k)
+def test_fp32_forward_and_gradients_match_reference(tokens, d_in, d_out, rank, experts, k, strategy):
+    assert_matches(tokens, d_in, d_out, rank, experts, k, strategy=strategy)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs(dtype):
-    assert_matches(13, 40, 24, 8, 8, 2, dtype=dtype)
+def test_half_precision_inputs(dtype, strategy):
+    assert_matches(13, 40, 24, 8, 8, 2, dtype=dtype, strategy=strategy)
 
 
-def test_all_tokens_on_one_expert_and_empty_experts():
-    assert_matches(17, 24, 16, 4, 6, 2, indices=torch.tensor([[3, 1]] * 17))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_all_tokens_on_one_expert_and_empty_experts(strategy):
+    assert_matches(17, 24, 16, 4, 6, 2, indices=torch.tensor([[3, 1]] * 17), strategy=strategy)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_repeated_expert_in_a_row_adds_up(strategy):
+    # Routers that pad rows repeat an expert with gate 0; the sum semantics must hold.
+    indices = torch.tensor([[1, 1, 2], [0, 3, 0]] * 4 + [[2, 2, 2]])
+    assert_matches(9, 16, 24, 4, 4, 3, indices=indices, strategy=strategy)
+
+
+def test_strategy_follows_shape():
+    assert triton_backend.choose_strategy(8, 16, 4096, 4096) == "masked"
+    assert triton_backend.choose_strategy(64, 16, 4096, 4096) == "sorted"
+    assert triton_backend.choose_strategy(8, 16, 256, 256) == "sorted"  # extra FLOPs 1.0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("as_view", [False, True])
-def test_fused_add_into_the_base_output(as_view):
+def test_fused_add_into_the_base_output(as_view, strategy):
     # A layer passes its (batch, seq, d_out) base output reshaped to 2-D: a view updated in place.
     x, A, B, indices, gates, upstream = problem(10, 24, 16, 4, 8, 2)
     base = torch.randn(10, 16, device=DEVICE, requires_grad=True)
     target = (base * 1.0).view(2, 5, 16).reshape(10, 16) if as_view else base.clone()
-    fused = triton_backend.mixture_lora_triton(x, A, B, indices, gates, 0.5, target)
+    fused = triton_backend.mixture_lora_triton(x, A, B, indices, gates, 0.5, target, strategy=strategy)
     expected = base + reference(x, A, B, indices, gates, 0.5)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(fused, (x, A, B, gates, base), upstream)
@@ -103,21 +127,24 @@ def test_fused_add_into_the_base_output(as_view):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_experts_skip_their_gradients():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_frozen_experts_skip_their_gradients(strategy):
     # Plug-and-play mixtures train only the router: no dA / dB work, gates still get gradients.
     x, A, B, indices, gates, upstream = problem(6, 16, 16, 4, 4, 2)
     A.requires_grad_(False)
     B.requires_grad_(False)
-    out = triton_backend.mixture_lora_triton(x, A, B, indices, gates, 1.0)
+    out = triton_backend.mixture_lora_triton(x, A, B, indices, gates, 1.0, strategy=strategy)
     dx, dg = torch.autograd.grad(out, (x, gates), upstream)
     rdx, rdg = torch.autograd.grad(reference(x, A, B, indices, gates, 1.0), (x, gates), upstream)
     torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dg, rdg, rtol=1e-5, atol=1e-5)
 
 
-def test_plan_groups_pairs_by_expert_with_padding():
+def test_plan_is_a_stable_sort_by_expert_with_padding():
     indices = torch.tensor([[2, 0], [2, 1], [0, 2]], device=DEVICE)
     plan = triton_backend.make_plan(indices, num_experts=4, block_m=16)
+    real = plan.sorted_pair[plan.sorted_pair >= 0].cpu()
+    assert real.tolist() == torch.sort(indices.reshape(-1).cpu(), stable=True).indices.tolist()
     pairs = plan.sorted_pair.cpu()
     offsets = plan.padded_offsets.cpu().tolist()
     assert offsets == [0, 16, 32, 48, 48]  # experts 0,1,2 padded to one block each; expert 3 empty
