@@ -120,7 +120,7 @@ def make_plan(indices: torch.Tensor, num_experts: int, block_m: int) -> RoutingP
     device = indices.device
     flat = indices.reshape(-1).contiguous()
     e_pow2 = triton.next_power_of_2(num_experts)
-    pair_block = max(16, min(1024, 8192 // e_pow2))
+    pair_block = max(16, min(256, 8192 // e_pow2))  # many small programs: the scan is per block
     n_pair_blocks = triton.cdiv(pairs, pair_block)
     # Upper bound of the padded length known on the host: at most min(E, P) segments get padding.
     num_blocks = triton.cdiv(pairs + min(num_experts, pairs) * (block_m - 1), block_m)
@@ -278,8 +278,26 @@ def _cat_b(B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return B.transpose(1, 2).reshape(-1, B.shape[1]).to(dtype)
 
 
-def _masked_block_m(tokens: int) -> int:
-    return 16 if INTERPRET or tokens <= 16 else 32 if tokens <= 256 else 64
+@dataclass
+class MaskedTiles:
+    """Launch settings of the masked kernels for large T (small T uses smaller row blocks).
+
+    Defaults picked by the tile sweep in benchmarks/kernels.py on an H200 at T=8192, d=4096,
+    E*r=128, bf16 (benchmarks/results/kernels_gpu.json holds the sweep).
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    prep_block_m: int = 64
+    prep_num_warps: int = 4
+
+
+MASKED_TILES = MaskedTiles()
+
+
+def _masked_block_m(tokens: int, large: int) -> int:
+    return 16 if INTERPRET or tokens <= 16 else 32 if tokens <= 256 else large
 
 
 class _MaskedMixtureLoRA(torch.autograd.Function):
@@ -291,15 +309,16 @@ class _MaskedMixtureLoRA(torch.autograd.Function):
         columns = num_experts * rank
         hidden = x @ _cat_a(A, x.dtype).t()  # (T, E*r), one cuBLAS GEMM
         dst = out if out is not None else torch.empty(tokens, d_out, dtype=x.dtype, device=x.device)
-        block_m = _masked_block_m(tokens)
-        block_n = min(32 if INTERPRET else 128, _pow2(d_out))
+        tiles = MASKED_TILES
+        block_m = _masked_block_m(tokens, tiles.block_m)
+        block_n = min(32 if INTERPRET else tiles.block_n, _pow2(d_out))
         kernels.masked_expand[(triton.cdiv(tokens, block_m), triton.cdiv(d_out, block_n))](
             hidden, indices, gates, B, dst,
             tokens, d_out, rank, columns, scale,
             hidden.stride(0), indices.stride(0), gates.stride(0),
             B.stride(0), B.stride(1), B.stride(2), dst.stride(0), dst.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, ER_POW2=_pow2(columns), K_SLOTS=k,
-            ACCUMULATE=out is not None, DOT_DTYPE=_dot_dtype(x.dtype),
+            ACCUMULATE=out is not None, DOT_DTYPE=_dot_dtype(x.dtype), num_warps=tiles.num_warps,
         )  # fmt: skip
         if out is not None:
             ctx.mark_dirty(out)
@@ -318,11 +337,11 @@ class _MaskedMixtureLoRA(torch.autograd.Function):
         d_hidden = grad @ _cat_b(B, grad.dtype).t()  # (T, E*r): dL/d(masked hidden)
         d_gates = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
         d_masked, masked = torch.empty_like(d_hidden), torch.empty_like(hidden)
-        block_m = _masked_block_m(tokens)
+        block_m = _masked_block_m(tokens, MASKED_TILES.prep_block_m)
         kernels.masked_grad_prep[(triton.cdiv(tokens, block_m),)](
             d_hidden, hidden, indices, gates, d_gates, d_masked, masked,
             tokens, rank, columns, ctx.scale, indices.stride(0), gates.stride(0),
-            BLOCK_M=block_m, ER_POW2=_pow2(columns), K_SLOTS=k,
+            BLOCK_M=block_m, ER_POW2=_pow2(columns), K_SLOTS=k, num_warps=MASKED_TILES.prep_num_warps,
         )  # fmt: skip
         dx = d_masked @ _cat_a(A, d_masked.dtype) if need_x else None
         d_a = (d_masked.t() @ x).view(num_experts, rank, d_in).to(A.dtype) if need_a else None

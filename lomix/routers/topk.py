@@ -57,6 +57,10 @@ class LinearGate(Router):
         jitter = getattr(self.config, "jitter", 0.0)
         if self.training and jitter > 0:
             flat = flat * torch.empty_like(flat).uniform_(1.0 - jitter, 1.0 + jitter)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            # Cast the small weight, not the activations: an fp32 copy of x costs more than routing.
+            # The product accumulates in fp32 either way; the logits are rounded once to x's dtype.
+            return F.linear(flat, self.weight.to(flat.dtype)).float()
         return F.linear(flat.to(self.weight.dtype), self.weight).float()
 
 
