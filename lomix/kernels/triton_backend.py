@@ -289,7 +289,7 @@ class MaskedTiles:
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
-    prep_block_m: int = 64
+    prep_block_m: int = 32
     prep_num_warps: int = 4
 
 
