@@ -1,5 +1,27 @@
 """lomix.hub: pull and push PEFT LoRAs and lomix mixtures (Hugging Face Hub or local folders).
 
+    import lomix.hub
+
+    pulled = lomix.hub.pull("user/repo@v1", out="mixture/")     # validated files, copied atomically
+    model = lomix.hub.load(base_model, "user/repo@v1")          # a lomix mixture, into a model
+
 This package lives in the repository folder ``adapters_hub/`` and is installed as ``lomix.hub``.
 It may import ``lomix`` and huggingface_hub; the library never imports it.
 """
+
+from . import errors
+from .pull import Pulled, load, pull
+from .spec import Spec, parse_spec
+from .validate import MixtureInfo, PeftAdapter, inspect
+
+__all__ = [
+    "MixtureInfo",
+    "PeftAdapter",
+    "Pulled",
+    "Spec",
+    "errors",
+    "inspect",
+    "load",
+    "parse_spec",
+    "pull",
+]
