@@ -4,12 +4,14 @@
 
     pulled = lomix.hub.pull("user/repo@v1", out="mixture/")     # validated files, copied atomically
     model = lomix.hub.load(base_model, "user/repo@v1")          # a lomix mixture, into a model
+    model = lomix.hub.load_peft_experts(base_model, ["user/a-lora", "user/b-lora"])  # PEFT LoRAs as experts
 
 This package lives in the repository folder ``adapters_hub/`` and is installed as ``lomix.hub``.
 It may import ``lomix`` and huggingface_hub; the library never imports it.
 """
 
 from . import errors
+from .peft_experts import load_peft_experts
 from .pull import Pulled, load, pull
 from .spec import Spec, parse_spec
 from .validate import MixtureInfo, PeftAdapter, inspect
@@ -22,6 +24,7 @@ __all__ = [
     "errors",
     "inspect",
     "load",
+    "load_peft_experts",
     "parse_spec",
     "pull",
 ]
