@@ -207,7 +207,8 @@ def _fetch(spec: Spec, kind: str, subfolder: str | None, token, cache_dir, local
     listed = [s.rfilename for s in info.siblings or []]
     for name in listed:
         check_relative(name, f"{label}: the repository lists a file")
-    prefix = join_subfolder(subfolder, "")
+    sub = check_relative(subfolder.strip("/"), f"subfolder {subfolder!r}") if subfolder else ""
+    prefix = f"{sub}/" if sub else ""
     here = [n[len(prefix) :] for n in listed if n.startswith(prefix) and "/" not in n[len(prefix) :]]
     found = detect_kind(here, kind)
     if found is None or FILES[found][1] not in here:
@@ -225,7 +226,7 @@ def _fetch(spec: Spec, kind: str, subfolder: str | None, token, cache_dir, local
             )
         snapshot = this
     assert snapshot is not None
-    return snapshot / subfolder.strip("/") if subfolder else snapshot, files, commit
+    return snapshot / sub if sub else snapshot, files, commit
 
 
 def _copy_out(folder: Path, files: list[str], out: Path) -> None:
@@ -270,7 +271,7 @@ def pull(
     if parsed.is_local:
         assert parsed.path is not None
         if subfolder:
-            folder = parsed.path / join_subfolder(subfolder, "").rstrip("/")
+            folder = parsed.path / check_relative(subfolder.strip("/"), f"subfolder {subfolder!r}")
         else:
             folder = parsed.path
         info = inspect(folder, kind, source=str(folder))

@@ -190,6 +190,27 @@ def test_shape_mismatch_is_refused_before_the_model_is_touched(hub, published, t
     assert not (tmp_path / "out").exists()
 
 
+def test_adapters_in_subfolders(hub, monkeypatch, tmp_path):
+    base, _ = build_pair(LLAMA)
+    math = save_peft_adapter(base, tmp_path / "math", seed=1, r=2, target_modules=["q_proj"])
+    code = save_peft_adapter(base, tmp_path / "code", seed=2, r=4, target_modules=["v_proj"])
+    files = {f"adapters/math/{k}": v for k, v in folder_files(math).items()}
+    files.update({f"adapters/code/{k}": v for k, v in folder_files(code).items()})
+    hub.commit("user/many", files)
+    with pytest.raises(lomix.MissingFileError, match=r"user/many@main \(commit [0-9a-f]{40}\) holds no"):
+        lomix.hub.pull("user/many")  # nothing at the top level
+    pulled = lomix.hub.pull("user/many", subfolder="adapters/code", out=tmp_path / "out")
+    assert pulled.kind == "peft" and pulled.source == "user/many@main (subfolder adapters/code)"
+    assert folder_files(tmp_path / "out") == folder_files(code)
+    assert set(pulled.info.modules) == {f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)}
+    hubserver.set_offline(monkeypatch)
+    assert lomix.hub.pull("user/many", subfolder="adapters/code/").info.modules == pulled.info.modules
+    with pytest.raises(errors.OfflineError, match=r"adapters/math/lomix_config\.json / adapters/math/adapter_config"):
+        lomix.hub.pull("user/many", subfolder="adapters/math")
+    local = lomix.hub.pull(tmp_path, subfolder="math")  # a local folder takes a subfolder too
+    assert local.folder == math and local.kind == "peft"
+
+
 def test_private_repository_and_tokens(hub, published, tmp_path, monkeypatch):
     v1, _, _ = published["v1"]
     hub.commit("org/private-mix", folder_files(v1), private=True, token="hf_reader")
