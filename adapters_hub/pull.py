@@ -207,7 +207,7 @@ def _fetch(spec: Spec, kind: str, subfolder: str | None, token, cache_dir, local
     listed = [s.rfilename for s in info.siblings or []]
     for name in listed:
         check_relative(name, f"{label}: the repository lists a file")
-    sub = check_relative(subfolder.strip("/"), f"subfolder {subfolder!r}") if subfolder else ""
+    sub = subfolder or ""  # already checked by `pull`
     prefix = f"{sub}/" if sub else ""
     here = [n[len(prefix) :] for n in listed if n.startswith(prefix) and "/" not in n[len(prefix) :]]
     found = detect_kind(here, kind)
@@ -268,12 +268,10 @@ def pull(
     if kind not in ("auto", *KINDS):
         raise SpecError(f"kind must be 'auto', 'lomix' or 'peft', got {kind!r}")
     parsed = parse_spec(spec)
+    subfolder = check_relative(subfolder.strip("/"), f"subfolder {subfolder!r}") if subfolder else None
     if parsed.is_local:
         assert parsed.path is not None
-        if subfolder:
-            folder = parsed.path / check_relative(subfolder.strip("/"), f"subfolder {subfolder!r}")
-        else:
-            folder = parsed.path
+        folder = parsed.path / subfolder if subfolder else parsed.path
         info = inspect(folder, kind, source=str(folder))
         files = [*FILES[info.kind], *(n for n in EXTRA_FILES if (folder / n).is_file())]
         commit = None

@@ -132,8 +132,10 @@ def test_path_traversal_is_refused(hub, published, tmp_path):
     hub.commit("user/evil2", {**folder_files(v1), "sub\\..\\..\\x.json": b"{}"})
     with pytest.raises(errors.UnsafePathError, match=r"backslash"):
         lomix.hub.pull("user/evil2")
+    requests = len(hub.requests)
     with pytest.raises(errors.UnsafePathError, match=r"subfolder '\.\./user'"):
         lomix.hub.pull("user/mix", subfolder="../user")
+    assert len(hub.requests) == requests  # refused before asking the hub
     with pytest.raises(errors.UnsafePathError, match=r"revision '\.\./\.\./refs'"):
         lomix.hub.pull("user/mix@../../refs")  # a revision names a file in the cache (refs/<revision>)
     with pytest.raises(errors.SpecError, match=r"neither an existing folder nor a hub id"):
