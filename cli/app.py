@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from .hub import hub_app
+
 app = typer.Typer(
     name="lomix",
     help="Fine-tune frozen Hugging Face models with routed mixtures of LoRA experts.",
@@ -14,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(hub_app, name="hub", help="Pull and push PEFT LoRA adapters and lomix mixtures (hub or folders).")
 
 
 def _version(value: bool) -> None:
