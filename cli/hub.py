@@ -37,9 +37,8 @@ def pull(
     offline: bool = typer.Option(False, "--offline", help="Use the local cache only, like HF_HUB_OFFLINE=1."),
 ) -> None:
     """Download and validate a mixture or PEFT adapter (safetensors only; names and shapes checked)."""
-    from lomix.hub import pull as pull_
-
     from lomix.errors import LomixError
+    from lomix.hub import pull as pull_
 
     try:
         pulled = pull_(spec, out, kind=kind, subfolder=subfolder, token=token, local_files_only=offline)
@@ -65,10 +64,9 @@ def push(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the files and the model card; upload nothing."),
 ) -> None:
     """Upload the mixture, its training config, evaluation files and a generated model card in one commit."""
+    from lomix.errors import LomixError
     from lomix.hub import plan_push
     from lomix.hub import push as push_
-
-    from lomix.errors import LomixError
 
     try:
         if dry_run:

@@ -10,14 +10,14 @@ import copy
 import json
 
 import hubserver
-import lomix.hub
 import pytest
 import torch
 from conftest import MODEL_CASES, build_pair
 from hubdata import LLAMA, folder_files, save_peft_adapter
-from lomix.hub import errors
 
 import lomix
+import lomix.hub
+from lomix.hub import errors
 
 # Three adapters that differ in every way PEFT allows: rank (2, 4, 8), targets, use_rslora,
 # and per-module rank_pattern / alpha_pattern.

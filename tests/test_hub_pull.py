@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import hubserver
-import lomix.hub
 import pytest
 import torch
 from conftest import build_pair
 from hubdata import LLAMA, folder_files, logits, save_mixture, save_peft_adapter
-from lomix.hub import errors
 
 import lomix
+import lomix.hub
 from lomix.errors import ShapeMismatchError
+from lomix.hub import errors
 
 
 @pytest.fixture

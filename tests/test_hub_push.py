@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import hubserver
-import lomix.hub
 import pytest
 import torch
 import yaml
 from conftest import build_pair
 from hubdata import LLAMA, logits, save_mixture
-from lomix.hub import errors
 
 import lomix
+import lomix.hub
+from lomix.hub import errors
 
 EVAL = {"date_understanding": {"accuracy": 0.575, "n": 40}, "navigate": {"accuracy": 0.5125, "n": 40}}
 ROUTING = {"model.layers.0.self_attn.q_proj": [0.5, 0.25, 0.25], "model.layers.1.self_attn.q_proj": [0.1, 0.2, 0.7]}
