@@ -25,6 +25,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _block_pairs(sorted_pair_ptr, start, k_slots, BLOCK_M: tl.constexpr):
+    """Padded positions start..start+BLOCK_M: (positions, pair ids, real-pair mask, tokens)."""
+    offs_m = start + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ptr + offs_m)
+    valid = pair >= 0
+    token = tl.where(valid, pair // k_slots, 0).to(tl.int64)  # 64-bit: token * stride may pass 2**31
+    return offs_m, pair, valid, token
+
+
+@triton.jit
 def grouped_shrink(
     src_ptr,
     w_ptr,
@@ -51,10 +61,7 @@ def grouped_shrink(
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ptr + offs_m)
-    valid = pair >= 0
-    token = tl.where(valid, pair // k_slots, 0).to(tl.int64)  # 64-bit: token * stride may pass 2**31
+    offs_m, _, valid, token = _block_pairs(sorted_pair_ptr, pid_m * BLOCK_M, k_slots, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
@@ -114,10 +121,7 @@ def grouped_expand(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ptr + offs_m)
-    valid = pair >= 0
-    token = tl.where(valid, pair // k_slots, 0).to(tl.int64)  # 64-bit: token * stride may pass 2**31
+    offs_m, pair, valid, token = _block_pairs(sorted_pair_ptr, pid_m * BLOCK_M, k_slots, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h = tl.load(
@@ -177,10 +181,7 @@ def grouped_outer(
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_pair_ptr + offs_m)
-        valid = pair >= 0
-        token = tl.where(valid, pair // k_slots, 0).to(tl.int64)  # 64-bit: token * stride may pass 2**31
+        offs_m, _, valid, token = _block_pairs(sorted_pair_ptr, m0, k_slots, BLOCK_M)
         rows = tl.load(
             src_ptr + token[:, None] * stride_src_t + offs_n[None, :] * stride_src_n,
             mask=valid[:, None] & (offs_n[None, :] < N),
