@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from . import catalog, commands
+
 app = typer.Typer(
     name="lomix",
     help="Fine-tune frozen Hugging Face models with routed mixtures of LoRA experts.",
@@ -45,6 +47,12 @@ def show(directory: Path = typer.Argument(..., help="A folder holding a saved lo
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
+
+
+# Sub-commands live in their own modules and register here, one line each.
+app.command("train", epilog=commands.train_epilog())(commands.train)
+app.command("eval")(commands.evaluate)
+app.add_typer(catalog.app, name="recipes")
 
 
 def main() -> None:

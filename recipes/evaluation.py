@@ -1,0 +1,337 @@
+"""Evaluate a base model or a trained mixture: accuracy and exact match per task, and their mean.
+
+    lomix eval RUN_DIR [key=value ...]            # the run's final mixture on its test data
+    python -m lomix.recipes.evaluation RUN_DIR    # the same, without the CLI
+
+Multiple-choice examples are scored by the summed log-likelihood of each choice's answer tokens
+(the answer text plus the chat template's end-of-turn marker, exactly what training optimises);
+the prediction is the best-scored choice. With ``eval.reuse_prompt_cache`` the prompt runs once and
+every choice continues from its KV cache. Generative examples are decoded greedily and compared by
+exact match. Metrics come from the ``evaluate`` library through metric modules lomix ships (it
+cannot fetch hub metrics offline); a bare metric name that lomix does not ship still goes to the hub.
+
+Besides each task's score the table shows two baselines: chance (1 / number of choices) and the
+majority-class prior (the share of the task's test examples whose answer is its most common one).
+(This file is not named evaluate.py: a copy run as a script would shadow the evaluate library.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+import lomix
+from lomix.atomic import atomic_file
+from lomix.errors import ConfigError
+
+from .config import EvalConfig
+from .data import Example, Formatter, TaskSet
+
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+
+
+def shipped_metrics() -> list[str]:
+    return sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
+
+
+def resolve_metric(name: str) -> str:
+    """What ``evaluate.load`` is given: the absolute folder of a metric lomix ships (``accuracy``), an
+    absolute metric folder path, or a bare name left for evaluate to fetch from the hub (online)."""
+    if "/" not in name and (METRICS_DIR / name / f"{name}.py").is_file():
+        return str(METRICS_DIR / name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return name
+
+
+def load_metric(name: str, key: str):
+    import evaluate
+
+    resolved = resolve_metric(name)
+    try:
+        return evaluate.load(resolved)
+    except Exception as exc:
+        hint = "" if Path(resolved).is_absolute() else "; a bare name is fetched from the hub and needs the network"
+        raise ConfigError(
+            key,
+            f"cannot load metric {name!r} ({type(exc).__name__}: {exc}); lomix ships: "
+            f"{', '.join(shipped_metrics())}{hint}",
+        ) from None
+
+
+def _routing(model: torch.nn.Module, task_id: int, description: str):
+    if getattr(model, "lomix_state", None) is None:
+        return contextlib.nullcontext()
+    return lomix.routing_context(model, task_ids=[task_id], task_descriptions=[description])
+
+
+@torch.no_grad()
+def score_choices(
+    model: torch.nn.Module,
+    formatter: Formatter,
+    example: Example,
+    task_id: int,
+    description: str,
+    reuse_prompt_cache: bool = True,
+) -> list[float]:
+    """Summed log-likelihood of each choice's answer tokens given the prompt."""
+    encoded = [formatter.encode(example, choice) for choice in example.choices]
+    prompt = min((p for p, _ in encoded), key=len)  # the prompt cut to fit the longest answer
+    answers = [a[: formatter.cfg.max_length - len(prompt)] for _, a in encoded]
+    n, width, pad = len(answers), max(len(a) for a in answers), formatter.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    answer_ids = torch.full((n, width), pad, dtype=torch.long, device=device)
+    answer_mask = torch.zeros((n, width), dtype=torch.long, device=device)
+    for row, ids in enumerate(answers):
+        answer_ids[row, : len(ids)] = torch.tensor(ids)
+        answer_mask[row, : len(ids)] = 1
+    prompt_ids = torch.tensor([prompt], device=device)
+    routing = {"task_ids": torch.full((1,), task_id, device=device), "task_descriptions": [description]}
+    if reuse_prompt_cache:
+        out = model(input_ids=prompt_ids, use_cache=True, **routing)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache.batch_repeat_interleave(n)
+        mask = torch.cat([torch.ones((n, len(prompt)), dtype=torch.long, device=device), answer_mask], dim=1)
+        routing = {"task_ids": routing["task_ids"].expand(n), "task_descriptions": [description] * n}
+        # transformers 5.24 renamed past_key_values to cache; accept both generations of the API.
+        name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        rest = model(input_ids=answer_ids, attention_mask=mask, use_cache=True, **{name: cache}, **routing)
+        logits = torch.cat([out.logits[:, -1:].expand(n, 1, -1), rest.logits[:, :-1]], dim=1)
+    else:
+        ids = torch.cat([prompt_ids.expand(n, -1), answer_ids], dim=1)
+        mask = torch.cat([torch.ones_like(prompt_ids).expand(n, -1), answer_mask], dim=1)
+        routing = {"task_ids": routing["task_ids"].expand(n), "task_descriptions": [description] * n}
+        logits = model(input_ids=ids, attention_mask=mask, **routing).logits[:, len(prompt) - 1 : -1]
+    logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+    return (logprobs * answer_mask).sum(dim=1).tolist()
+
+
+@torch.no_grad()
+def generate_answer(
+    model: torch.nn.Module, formatter: Formatter, example: Example, task_id: int, description: str, max_new_tokens: int
+) -> str:
+    tok = formatter.tokenizer
+    prompt, _ = formatter.encode(example, None)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    stop = [t for t in {tok.eos_token_id, tok.pad_token_id} if t is not None]
+    with _routing(model, task_id, description):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=stop or None,
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def select_examples(examples: Sequence[Example], cfg: EvalConfig) -> list[Example]:
+    """The first ``max_examples_per_task`` test examples of each task, in file order."""
+    counts: Counter[str] = Counter()
+    chosen = []
+    for example in examples:
+        if cfg.max_examples_per_task is None or counts[example.task] < cfg.max_examples_per_task:
+            counts[example.task] += 1
+            chosen.append(example)
+    return chosen
+
+
+def predict(
+    model: torch.nn.Module, formatter: Formatter, examples: Sequence[Example], tasks: TaskSet, cfg: EvalConfig, bar=None
+) -> list[dict[str, Any]]:
+    """One record per example: task, kind, prediction and reference."""
+    records = []
+    for example in examples:
+        task_id, description = tasks.id(example.task), tasks.descriptions[example.task]
+        if example.is_multiple_choice:
+            scores = score_choices(model, formatter, example, task_id, description, cfg.reuse_prompt_cache)
+            prediction = max(range(len(scores)), key=scores.__getitem__)
+            records.append(
+                {
+                    "task": example.task,
+                    "kind": "choice",
+                    "prediction": prediction,
+                    "reference": example.label,
+                    "answer": example.target,
+                    "num_choices": len(example.choices),
+                }
+            )
+        else:
+            text = generate_answer(model, formatter, example, task_id, description, cfg.max_new_tokens)
+            records.append(
+                {"task": example.task, "kind": "generate", "prediction": text, "reference": example.target.strip()}
+            )
+        if bar is not None:
+            bar.update(1)
+    return records
+
+
+def summarise(records: Sequence[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
+    """Per-task metric (through the evaluate modules), chance, majority-class prior, and their means."""
+    metrics: dict[str, Any] = {}
+    tasks: dict[str, dict[str, Any]] = {}
+    for task in sorted({r["task"] for r in records}):
+        rows = [r for r in records if r["task"] == task]
+        kind = rows[0]["kind"]
+        if any(r["kind"] != kind for r in rows):
+            raise ValueError(f"task {task!r} mixes multiple-choice and generative examples; split it into two tasks")
+        if kind == "choice":
+            name, key = "accuracy", ("eval.accuracy_metric", cfg.accuracy_metric)
+            answers = [r["answer"] for r in rows]
+            chance = sum(1.0 / r["num_choices"] for r in rows) / len(rows)
+        else:
+            name, key = "exact_match", ("eval.exact_match_metric", cfg.exact_match_metric)
+            answers = [r["reference"] for r in rows]
+            chance = None
+        if key not in metrics:
+            metrics[key] = load_metric(key[1], key[0])
+        result = metrics[key].compute(
+            predictions=[r["prediction"] for r in rows], references=[r["reference"] for r in rows]
+        )
+        score = float(next(iter(result.values())))
+        majority = Counter(answers).most_common(1)[0][1] / len(rows)
+        tasks[task] = {"metric": name, "score": score, "n": len(rows), "chance": chance, "majority": majority}
+    mean = {
+        "score": sum(t["score"] for t in tasks.values()) / len(tasks) if tasks else 0.0,
+        "majority": sum(t["majority"] for t in tasks.values()) / len(tasks) if tasks else 0.0,
+        "n": sum(t["n"] for t in tasks.values()),
+    }
+    chances = [t["chance"] for t in tasks.values() if t["chance"] is not None]
+    mean["chance"] = sum(chances) / len(chances) if len(chances) == len(tasks) and tasks else None
+    return {"tasks": tasks, "mean": mean}
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    formatter: Formatter,
+    examples: Sequence[Example],
+    tasks: TaskSet,
+    cfg: EvalConfig,
+    accelerator=None,
+    progress: bool = True,
+    label: str = "eval",
+) -> dict[str, Any]:
+    """Evaluate ``examples`` (shared out across processes when an accelerator is given)."""
+    from tqdm.auto import tqdm
+
+    examples = select_examples(examples, cfg)
+    was_training = model.training
+    model.eval()
+    main = accelerator is None or accelerator.is_main_process
+    try:
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            with accelerator.split_between_processes(list(range(len(examples)))) as mine:
+                bar = tqdm(total=len(mine), desc=label, disable=not (progress and main), dynamic_ncols=True)
+                part = predict(model, formatter, [examples[i] for i in mine], tasks, cfg, bar)
+                bar.close()
+            records = gather_object(part)
+        else:
+            bar = tqdm(total=len(examples), desc=label, disable=not progress, dynamic_ncols=True)
+            records = predict(model, formatter, examples, tasks, cfg, bar)
+            bar.close()
+    finally:
+        model.train(was_training)
+    return summarise(records, cfg)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def results_table(columns: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one row per task plus the mean, one score column per named result."""
+    first = next(iter(columns.values()))
+    names = list(columns)
+    header = ["task", "metric", "n", "chance", "majority", *names]
+    if len(names) == 2:
+        header.append("change")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(label: str, info: dict[str, Any], scores: list[float], metric: str) -> str:
+        cells = [label, metric, str(info["n"]), _fmt(info["chance"]), _fmt(info["majority"]), *map(_fmt, scores)]
+        if len(scores) == 2:
+            cells.append(f"{scores[1] - scores[0]:+.3f}")
+        return "| " + " | ".join(cells) + " |"
+
+    for task, info in first["tasks"].items():
+        lines.append(row(task, info, [c["tasks"][task]["score"] for c in columns.values()], info["metric"]))
+    lines.append(row("**mean**", first["mean"], [c["mean"]["score"] for c in columns.values()], ""))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_file(path) as handle:
+        handle.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def run(
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    base: bool = False,
+    checkpoint: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a finished (or checkpointed) run on its test data; writes RUN_DIR/eval*.json."""
+    from accelerate import Accelerator
+
+    from .assets import cpu_processes, load_model_and_tokenizer
+    from .config import load_config
+    from .data import check_test_tasks, load_test_examples
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(str(run_dir), "not a lomix run folder (it has no config.yaml)")
+    cfg = load_config(config_path, overrides)
+    tasks_path = run_dir / "tasks.json"
+    if not tasks_path.is_file():
+        raise ConfigError(str(run_dir), "has no tasks.json; was its training started?")
+    tasks = TaskSet.from_dict(json.loads(tasks_path.read_text()))
+    mixture_dir = Path(checkpoint) / "mixture" if checkpoint else run_dir / "mixture"
+    if not base and not (mixture_dir / lomix.CONFIG_NAME).is_file():
+        raise ConfigError(str(mixture_dir), "holds no saved mixture (did training finish? pass --checkpoint DIR)")
+    accelerator = Accelerator(cpu=cpu_processes())
+    with accelerator.main_process_first():
+        test = load_test_examples(cfg.data)
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    check_test_tasks(set(tasks.names), test)
+    if not base:
+        lomix.load(model, mixture_dir)
+    model.to(accelerator.device)
+    results = evaluate_model(
+        model, Formatter(tokenizer, cfg.data), test, tasks, cfg.eval, accelerator, cfg.train.progress, "eval"
+    )
+    name = "eval_base.json" if base else "eval.json"
+    if accelerator.is_main_process:
+        write_json(run_dir / name, results)
+        print(results_table({"base" if base else "mixture": results}))
+        print(f"wrote {run_dir / name}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run folder written by the finetune recipe")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_examples_per_task=20")
+    parser.add_argument("--base", action="store_true", help="evaluate the base model without the mixture")
+    parser.add_argument("--checkpoint", default=None, help="evaluate this checkpoint's mixture instead")
+    args = parser.parse_args(argv)
+    run(args.run_dir, args.overrides, base=args.base, checkpoint=args.checkpoint)
+
+
+if __name__ == "__main__":
+    main()
