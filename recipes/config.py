@@ -386,6 +386,8 @@ def build_config(data: dict[str, Any]) -> FinetuneConfig:
     if "router" in mixture:
         raise ConfigError("mixture.router", "set the router in the top-level 'router' section (router.name, router.k)")
     mixture = dict(mixture)
+    if isinstance(router, dict) and "name" not in router:
+        router = {"name": MixtureConfig().router.name, **router}  # router.k=3 alone keeps the default router
     if router is not None:
         mixture["router"] = router
     try:

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lomix.recipes.config import LOCAL_DATA_SUFFIXES, DataConfig
 
 from lomix.errors import LomixError
-
-from .config import LOCAL_DATA_SUFFIXES, DataConfig
 
 IGNORE_INDEX = -100
 
@@ -184,7 +183,7 @@ def data_sources(cfg: DataConfig) -> tuple[str, str | None]:
     """(train source, test source or None): local paths or hub ids; builds BIG-bench when asked."""
     train_source, test_source = cfg.train, cfg.test
     if cfg.train == "bigbench":
-        from .bigbench import build
+        from lomix.recipes.bigbench import build
 
         train_path, test_path = build(cfg.bigbench)
         train_source, test_source = str(train_path), test_source or str(test_path)

@@ -33,15 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
+from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
 from torch.nn import functional as F
 
 import lomix
 from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError
-
-from .config import FinetuneConfig, TrainConfig, load_config
-from .data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -189,9 +188,8 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
 def setup(cfg: FinetuneConfig) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-
-    from .assets import cpu_processes, load_model_and_tokenizer
-    from .data import load_examples
+    from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
+    from lomix.recipes.data import load_examples
 
     out = check_output_dir(cfg)
     checkpoint = find_checkpoint(cfg.resume_from) if cfg.resume_from else None
@@ -384,6 +382,7 @@ def train(run: Run) -> list[dict[str, Any]]:
     window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
     while state.step < cfg.max_steps:
         start = time.perf_counter()
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)}  # this step's
         group = [next(batches) for _ in range(cfg.grad_accum)]
         counts = torch.tensor(
             [sum(answer_tokens(b) for b in group), sum(int(b["attention_mask"].sum()) for b in group)],
@@ -418,7 +417,6 @@ def train(run: Run) -> list[dict[str, Any]]:
         window["tokens"] += int(counts[1])
         window["seconds"] += seconds
         window["steps"] += 1
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
         bar.update(1)
         bar.set_postfix(
             loss=f"{step_loss:.4f}", lr=f"{lrs.get('experts', 0.0):.2e}", tok_s=f"{int(counts[1]) / seconds:.0f}"
@@ -464,7 +462,7 @@ def log(run: Run, record: dict[str, Any], bar=None) -> None:
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune, save, evaluate. Returns {"records", "before", "after"} (evaluations may be None)."""
-    from .evaluation import evaluate_model, results_table, write_json
+    from lomix.recipes.evaluation import evaluate_model, results_table, write_json
 
     run = setup(cfg)
     accelerator, out = run.accelerator, run.out
