@@ -191,6 +191,13 @@ class TrainConfig:
         default="linear", metadata={"help": "decay after warm-up: linear or cosine to 0, or constant"}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 disables)"})
+    group_by_length: int = field(
+        default=0,
+        metadata={
+            "help": "sort each run of N global batches by length before cutting it into batches: less padding, "
+            "rows of a batch of similar length (0: plain shuffle)"
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in backward (less memory, ~30% slower)"}
     )
@@ -214,7 +221,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "warmup_steps"):
+        for name in ("eval_every", "save_every", "warmup_steps", "group_by_length"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps > self.max_steps:
@@ -260,7 +267,9 @@ class EvalConfig:
         default=True,
         metadata={"help": "score the choices from the prompt's KV cache (one prompt pass per example)"},
     )
-    batch_size: int = field(default=8, metadata={"help": "examples per batch of the held-out loss"})
+    batch_size: int = field(
+        default=8, metadata={"help": "examples per batch when scoring choices and computing the held-out loss"}
+    )
 
     def __post_init__(self) -> None:
         if self.max_examples_per_task is not None and self.max_examples_per_task < 1:

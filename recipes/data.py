@@ -304,7 +304,12 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Right-pads features into a batch the wrapped model's forward accepts directly."""
+    """Left-pads features into a batch the wrapped model's forward accepts directly.
+
+    Left padding puts every answer in the last columns, so the model computes logits only there
+    (``logits_to_keep``: the LM head is a fifth of a small model's FLOPs). ``position_ids`` count
+    real tokens only, so a padded row computes what the row alone would.
+    """
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -316,12 +321,13 @@ class Collator:
         mask = torch.zeros((len(features), width), dtype=torch.long)
         for row, f in enumerate(features):
             n = len(f["input_ids"])
-            ids[row, :n] = torch.tensor(f["input_ids"])
-            labels[row, :n] = torch.tensor(f["labels"])
-            mask[row, :n] = 1
+            ids[row, width - n :] = torch.tensor(f["input_ids"])
+            labels[row, width - n :] = torch.tensor(f["labels"])
+            mask[row, width - n :] = 1
         return {
             "input_ids": ids,
             "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
             "labels": labels,
             "task_ids": torch.tensor([f["task_id"] for f in features], dtype=torch.long),
             "task_descriptions": [f["description"] for f in features],
@@ -334,12 +340,23 @@ class EpochSampler(torch.utils.data.Sampler):
     That is what makes resume exact: a checkpoint stores the epoch and the batches already taken,
     and the resumed run regenerates the same order without saving any sampler state. ``keep``
     trims each epoch to a whole number of global batches (the rest of the permutation waits for a
-    later epoch's shuffle).
+    later epoch's shuffle). With ``lengths`` and ``group`` > 0, each run of ``group`` global batches
+    of the permutation is sorted by length, cut into global batches and those are shuffled: rows
+    of a batch then have similar lengths and padding shrinks (HF's group_by_length, bounded).
     """
 
-    def __init__(self, size: int, seed: int, keep: int | None = None):
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        keep: int | None = None,
+        lengths: Sequence[int] | None = None,
+        group: int = 0,
+        batch: int = 1,
+    ):
         self.size, self.seed, self.epoch = size, seed, 0
         self.keep = size if keep is None else min(keep, size)
+        self.lengths, self.group, self.batch = lengths, group, batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -349,4 +366,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator)[: self.keep].tolist())
+        order = torch.randperm(self.size, generator=generator)[: self.keep].tolist()
+        if self.lengths is None or self.group <= 0:
+            return iter(order)
+        span = self.group * self.batch
+        grouped = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: (self.lengths[i], i))
+            batches = [chunk[i : i + self.batch] for i in range(0, len(chunk), self.batch)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                grouped += batches[b]
+        return iter(grouped)

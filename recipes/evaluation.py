@@ -74,7 +74,90 @@ def _routing(model: torch.nn.Module, task_id: int, description: str):
     return lomix.routing_context(model, task_ids=[task_id], task_descriptions=[description])
 
 
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5.24 renamed past_key_values to cache; accept both generations of the API.
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
+def score_batch(
+    model: torch.nn.Module,
+    formatter: Formatter,
+    items: Sequence[tuple[Example, int, str]],
+    reuse_prompt_cache: bool = True,
+) -> list[list[float]]:
+    """Summed log-likelihood of every choice's answer tokens, for (example, task id, description) items.
+
+    With ``reuse_prompt_cache`` the prompts run once, left-padded in one batch, and every choice
+    continues from its prompt's KV cache (gathered per choice); otherwise each choice is a full
+    sequence. Both give the same scores as scoring each choice alone.
+    """
+    device = next(model.parameters()).device
+    pad = formatter.tokenizer.pad_token_id
+    prompts, answers, owner = [], [], []
+    for index, (example, _, _) in enumerate(items):
+        encoded = [formatter.encode(example, choice) for choice in example.choices]
+        prompt = min((p for p, _ in encoded), key=len)  # the prompt cut to fit the longest answer
+        prompts.append(prompt)
+        answers += [a[: formatter.cfg.max_length - len(prompt)] for _, a in encoded]
+        owner += [index] * len(encoded)
+    rows = torch.tensor(owner, device=device)
+    width = max(len(a) for a in answers)
+    answer_ids = torch.full((len(answers), width), pad, dtype=torch.long, device=device)
+    answer_mask = torch.zeros_like(answer_ids)
+    for row, ids in enumerate(answers):
+        answer_ids[row, : len(ids)] = torch.tensor(ids)
+        answer_mask[row, : len(ids)] = 1
+    task_ids = torch.tensor([task_id for _, task_id, _ in items], device=device)
+    descriptions = [description for _, _, description in items]
+    choice_routing = {"task_ids": task_ids[rows], "task_descriptions": [descriptions[i] for i in owner]}
+    if reuse_prompt_cache:
+        length = max(len(p) for p in prompts)
+        prompt_ids = torch.full((len(prompts), length), pad, dtype=torch.long, device=device)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        for row, ids in enumerate(prompts):  # left padding: every prompt ends at the same column
+            prompt_ids[row, length - len(ids) :] = torch.tensor(ids)
+            prompt_mask[row, length - len(ids) :] = 1
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+            task_ids=task_ids,
+            task_descriptions=descriptions,
+        )
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache.batch_select_indices(rows)  # one copy of its prompt's cache per choice
+        lengths = prompt_mask.sum(-1)[rows]
+        rest = model(
+            input_ids=answer_ids,
+            attention_mask=torch.cat([prompt_mask[rows], answer_mask], dim=1),
+            position_ids=lengths[:, None] + torch.arange(width, device=device),
+            use_cache=True,
+            **{_cache_kwarg(model): cache},
+            **choice_routing,
+        )
+        logits = torch.cat([out.logits[rows, -1:], rest.logits[:, :-1]], dim=1)
+    else:
+        sequences = [prompts[i] + answers[row] for row, i in enumerate(owner)]
+        ids = torch.full((len(sequences), max(map(len, sequences))), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        all_logits = model(input_ids=ids, attention_mask=mask, **choice_routing).logits
+        starts = torch.tensor([len(prompts[i]) - 1 for i in owner], device=device)
+        take = (starts[:, None] + torch.arange(width, device=device)).clamp(max=ids.shape[1] - 1)
+        logits = all_logits.gather(1, take[..., None].expand(-1, -1, all_logits.shape[-1]))
+    logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+    totals = (logprobs * answer_mask).sum(dim=1).tolist()
+    scores: list[list[float]] = [[] for _ in items]
+    for row, index in enumerate(owner):
+        scores[index].append(totals[row])
+    return scores
+
+
 def score_choices(
     model: torch.nn.Module,
     formatter: Formatter,
@@ -83,36 +166,8 @@ def score_choices(
     description: str,
     reuse_prompt_cache: bool = True,
 ) -> list[float]:
-    """Summed log-likelihood of each choice's answer tokens given the prompt."""
-    encoded = [formatter.encode(example, choice) for choice in example.choices]
-    prompt = min((p for p, _ in encoded), key=len)  # the prompt cut to fit the longest answer
-    answers = [a[: formatter.cfg.max_length - len(prompt)] for _, a in encoded]
-    n, width, pad = len(answers), max(len(a) for a in answers), formatter.tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    answer_ids = torch.full((n, width), pad, dtype=torch.long, device=device)
-    answer_mask = torch.zeros((n, width), dtype=torch.long, device=device)
-    for row, ids in enumerate(answers):
-        answer_ids[row, : len(ids)] = torch.tensor(ids)
-        answer_mask[row, : len(ids)] = 1
-    prompt_ids = torch.tensor([prompt], device=device)
-    routing = {"task_ids": torch.full((1,), task_id, device=device), "task_descriptions": [description]}
-    if reuse_prompt_cache:
-        out = model(input_ids=prompt_ids, use_cache=True, **routing)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        cache.batch_repeat_interleave(n)
-        mask = torch.cat([torch.ones((n, len(prompt)), dtype=torch.long, device=device), answer_mask], dim=1)
-        routing = {"task_ids": routing["task_ids"].expand(n), "task_descriptions": [description] * n}
-        # transformers 5.24 renamed past_key_values to cache; accept both generations of the API.
-        name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-        rest = model(input_ids=answer_ids, attention_mask=mask, use_cache=True, **{name: cache}, **routing)
-        logits = torch.cat([out.logits[:, -1:].expand(n, 1, -1), rest.logits[:, :-1]], dim=1)
-    else:
-        ids = torch.cat([prompt_ids.expand(n, -1), answer_ids], dim=1)
-        mask = torch.cat([torch.ones_like(prompt_ids).expand(n, -1), answer_mask], dim=1)
-        routing = {"task_ids": routing["task_ids"].expand(n), "task_descriptions": [description] * n}
-        logits = model(input_ids=ids, attention_mask=mask, **routing).logits[:, len(prompt) - 1 : -1]
-    logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
-    return (logprobs * answer_mask).sum(dim=1).tolist()
+    """Summed log-likelihood of each choice's answer tokens given the prompt (one example)."""
+    return score_batch(model, formatter, [(example, task_id, description)], reuse_prompt_cache)[0]
 
 
 @torch.no_grad()
@@ -150,28 +205,30 @@ def select_examples(examples: Sequence[Example], cfg: EvalConfig) -> list[Exampl
 def predict(
     model: torch.nn.Module, formatter: Formatter, examples: Sequence[Example], tasks: TaskSet, cfg: EvalConfig, bar=None
 ) -> list[dict[str, Any]]:
-    """One record per example: task, kind, prediction and reference."""
-    records = []
-    for example in examples:
-        task_id, description = tasks.id(example.task), tasks.descriptions[example.task]
+    """One record per example (in order): task, kind, prediction and reference."""
+    records: list[dict[str, Any] | None] = [None] * len(examples)
+    choice = [i for i, e in enumerate(examples) if e.is_multiple_choice]
+    for start in range(0, len(choice), cfg.batch_size):
+        batch = choice[start : start + cfg.batch_size]
+        items = [(examples[i], tasks.id(examples[i].task), tasks.descriptions[examples[i].task]) for i in batch]
+        for i, scores in zip(batch, score_batch(model, formatter, items, cfg.reuse_prompt_cache), strict=True):
+            example = examples[i]
+            records[i] = {
+                "task": example.task,
+                "kind": "choice",
+                "prediction": max(range(len(scores)), key=scores.__getitem__),
+                "reference": example.label,
+                "answer": example.target,
+                "num_choices": len(example.choices),
+            }
+        if bar is not None:
+            bar.update(len(batch))
+    for i, example in enumerate(examples):
         if example.is_multiple_choice:
-            scores = score_choices(model, formatter, example, task_id, description, cfg.reuse_prompt_cache)
-            prediction = max(range(len(scores)), key=scores.__getitem__)
-            records.append(
-                {
-                    "task": example.task,
-                    "kind": "choice",
-                    "prediction": prediction,
-                    "reference": example.label,
-                    "answer": example.target,
-                    "num_choices": len(example.choices),
-                }
-            )
-        else:
-            text = generate_answer(model, formatter, example, task_id, description, cfg.max_new_tokens)
-            records.append(
-                {"task": example.task, "kind": "generate", "prediction": text, "reference": example.target.strip()}
-            )
+            continue
+        task_id, description = tasks.id(example.task), tasks.descriptions[example.task]
+        text = generate_answer(model, formatter, example, task_id, description, cfg.max_new_tokens)
+        records[i] = {"task": example.task, "kind": "generate", "prediction": text, "reference": example.target.strip()}
         if bar is not None:
             bar.update(1)
     return records

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import shutil
@@ -89,15 +90,31 @@ def answer_tokens(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Logits of the wrapped model; task ids and descriptions reach the routers' RoutingContext."""
-    return model(
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of the wrapped model, over the last columns that hold answer tokens.
+
+    Batches are left-padded, so the answers end every row; asking for the logits of those columns
+    only skips most of the LM head. Task ids and descriptions reach the routers' RoutingContext.
+    """
+    labels = batch["labels"]
+    answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    keep = labels.shape[1] - int(answer_columns[0]) + 1 if len(answer_columns) else labels.shape[1]
+    extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
         task_ids=batch["task_ids"],
         task_descriptions=batch["task_descriptions"],
         use_cache=False,
+        **extra,
     ).logits
+    return logits, labels[:, -logits.shape[1] :]
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    return name in inspect.signature(type(inner).forward).parameters
 
 
 @contextlib.contextmanager
@@ -213,7 +230,11 @@ def setup(cfg: FinetuneConfig) -> Run:
 
     lomix.inject(model, cfg.mixture)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}  # the frozen embeddings need no requires_grad trick this way
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
 
     # Every epoch uses whole optimizer steps: the sampler keeps a multiple of the global batch.
@@ -225,7 +246,14 @@ def setup(cfg: FinetuneConfig) -> Run:
             f"the training data has {len(features)} examples, fewer than one global batch "
             f"(batch_size x grad_accum x processes = {global_batch})",
         )
-    sampler = EpochSampler(len(features), cfg.seed, keep=steps_per_epoch * global_batch)
+    sampler = EpochSampler(
+        len(features),
+        cfg.seed,
+        keep=steps_per_epoch * global_batch,
+        lengths=[len(f["input_ids"]) for f in features],
+        group=cfg.train.group_by_length,
+        batch=global_batch,
+    )
     loader = torch.utils.data.DataLoader(
         ListDataset(features),
         batch_size=cfg.train.batch_size,
@@ -357,7 +385,7 @@ def held_out_loss(run: Run) -> float:
         for start in range(0, len(mine), size):
             batch = collate([features[i] for i in mine[start : start + size]])
             batch = {k: v.to(run.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            totals[0] += answer_loss_sum(forward(model, batch), batch["labels"])
+            totals[0] += answer_loss_sum(*forward(model, batch))
             totals[1] += answer_tokens(batch)
     model.train()
     totals = run.accelerator.reduce(totals, reduction="sum")
@@ -395,7 +423,7 @@ def train(run: Run) -> list[dict[str, Any]]:
         grad_norm = None
         for batch in group:
             with accelerator.accumulate(model):
-                token_sum = answer_loss_sum(forward(model, batch), batch["labels"])
+                token_sum = answer_loss_sum(*forward(model, batch))
                 aux = lomix.aux_loss(model)
                 # accelerate divides by grad_accum, DDP averages over processes: undo both so that the
                 # update is d(sum of answer-token losses of the global batch) / (its answer tokens).

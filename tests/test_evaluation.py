@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
     return model, tokenizer
 
 
-def reference_scores(model, tokenizer, formatter, example):
+def reference_scores(model, tokenizer, formatter, example, task_id=1):
     """Independent reference: each choice as one full sequence, log-probs summed by hand."""
     scores = []
     for choice in example.choices:
@@ -35,7 +35,7 @@ def reference_scores(model, tokenizer, formatter, example):
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt_ids + answer_ids])
         with torch.no_grad():
-            logprobs = model(input_ids=ids, task_ids=[1]).logits[0].log_softmax(-1)
+            logprobs = model(input_ids=ids, task_ids=[task_id]).logits[0].log_softmax(-1)
         scores.append(sum(float(logprobs[len(prompt_ids) + i - 1, t]) for i, t in enumerate(answer_ids)))
     return scores
 
@@ -49,6 +49,21 @@ def test_choice_scores_equal_summed_log_likelihood_of_a_plain_forward(tiny, reus
     expected = reference_scores(model, tokenizer, formatter, example)
     assert scores == pytest.approx(expected, abs=1e-4)
     assert len(set(round(s, 3) for s in scores)) == 3  # the mixture makes them differ
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_batch_of_prompts_of_different_lengths_scores_like_each_alone(tiny, reuse):
+    model, tokenizer = tiny
+    formatter = Formatter(tokenizer, DataConfig(train="t.jsonl"))
+    items = [
+        (Example("color", "color number 2 7", choices=["red", "green", "blue"], label=0), 0, "colors"),
+        (Example("parity", "is 12 even or odd " * 4, choices=["even", "odd stone"], label=0), 1, "parity"),
+        (Example("color", "hi", choices=["apple river", "red", "green", "blue"], label=0), 0, "colors"),
+    ]
+    batched = evaluation.score_batch(model, formatter, items, reuse_prompt_cache=reuse)
+    for (example, task_id, _), scores in zip(items, batched, strict=True):
+        alone = reference_scores(model, tokenizer, formatter, example, task_id)
+        assert scores == pytest.approx(alone, abs=1e-4)
 
 
 def test_evaluate_model_reports_accuracy_exact_match_and_baselines(tiny):

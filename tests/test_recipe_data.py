@@ -154,15 +154,16 @@ def test_long_prompts_are_cut_from_the_left_keeping_the_answer(tokenizer):
     assert prompt_ids == full_prompt[-len(prompt_ids) :]
 
 
-def test_collator_pads_right_and_carries_routing_fields():
+def test_collator_pads_left_and_carries_routing_fields():
     features = [
         {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "task_id": 1, "description": "b"},
         {"input_ids": [8], "labels": [8], "task_id": 0, "description": "a"},
     ]
     batch = Collator(pad_id=0)(features)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 8]]
     assert batch["task_ids"].tolist() == [1, 0] and batch["task_descriptions"] == ["b", "a"]
 
 
@@ -179,6 +180,21 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     torch.manual_seed(123)  # the global RNG plays no part
     again.set_epoch(0)
     assert list(again) == first
+
+
+def test_grouping_by_length_sorts_within_runs_of_global_batches():
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 0, 11, 10]
+    plain = list(EpochSampler(12, seed=0))
+    sampler = EpochSampler(12, seed=0, lengths=lengths, group=2, batch=3)
+    grouped = list(sampler)
+    assert sorted(grouped) == list(range(12))
+    for start in (0, 6):  # each run of 2 batches of 3 holds the same rows as the plain order, sorted
+        run = grouped[start : start + 6]
+        assert set(run) == set(plain[start : start + 6])
+        batches = [run[:3], run[3:]]
+        low, high = sorted(batches, key=lambda b: max(lengths[i] for i in b))
+        assert max(lengths[i] for i in low) <= min(lengths[i] for i in high)
+    assert grouped == list(EpochSampler(12, seed=0, lengths=lengths, group=2, batch=3))
 
 
 def test_hub_ids_are_loaded_through_datasets(monkeypatch, tmp_path):
