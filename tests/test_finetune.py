@@ -157,3 +157,32 @@ def test_too_little_data_for_one_global_batch_is_named(assets, tmp_path, run_rec
 def test_a_missing_checkpoint_is_named(assets, tmp_path, run_recipe):
     with pytest.raises(ConfigError, match=r"resume_from: .* is neither a checkpoint nor a run folder"):
         run_recipe(config(assets, tmp_path / "x", resume_from=str(tmp_path)))
+
+
+def test_batches_carry_task_ids_and_descriptions_to_every_router(assets, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    import lomix
+
+    run = finetune.setup(config(assets, tmp_path / "ctx", train={**_train(), "router_lr": 0.5}))
+    try:
+        seen = []
+        for _, layer in lomix.mixture_layers(run.unwrapped):
+            original = layer.router.forward
+
+            def spy(x, context, original=original):
+                seen.append((context.task_ids.tolist(), list(context.task_descriptions)))
+                return original(x, context)
+
+            layer.router.forward = spy
+        batch = next(iter(run.loader))
+        finetune.forward(run.model, batch)
+        expected = (batch["task_ids"].tolist(), batch["task_descriptions"])
+        assert len(seen) == len(list(lomix.mixture_layers(run.unwrapped))) and all(s == expected for s in seen)
+        assert set(batch["task_descriptions"]) <= {"parity", "color", "echo"}
+        assert [run.tasks.names[i] for i in expected[0]] == expected[1]
+        # the routers have their own learning rate (warm-up factor 1/2 at the first step)
+        groups = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
+        assert groups == pytest.approx({"experts": 2e-2 / 2, "routers": 0.5 / 2})
+    finally:
+        AcceleratorState._reset_state(True)
