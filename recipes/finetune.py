@@ -218,12 +218,14 @@ def setup(cfg: FinetuneConfig) -> Run:
         project_dir=str(out / "logs"),
         step_scheduler_with_optimizer=False,
     )
-    set_seed(cfg.seed)
 
     # Assets are prepared once (the first process converts and caches, the others then read).
     with accelerator.main_process_first():
         train_examples, test = load_examples(cfg.data)  # bad data fails before the model loads
         model, tokenizer = load_model_and_tokenizer(cfg.model)
+    # Seeded after loading: a first run that converts a GGUF file (and so draws random numbers to
+    # build the model it copies into) initialises the mixture exactly like a later cached run.
+    set_seed(cfg.seed)
     tasks = task_set(train_examples, cfg.data)
     formatter = Formatter(tokenizer, cfg.data)
     features = tokenize(train_examples, formatter, tasks)

@@ -1,5 +1,6 @@
 """Data parallelism by launch flag only: two gloo processes on the CPU, launched by accelerate with the
-shipped DDP config, train the same weights as one process with the same global batch."""
+shipped DDP config, train the same weights as one process with the same global batch and evaluate
+to the same table."""
 
 from __future__ import annotations
 
@@ -39,17 +40,18 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     model = make_model_dir(tmp_path / "model")
     train = write_jsonl(tmp_path / "train.jsonl", tiny_rows(0, 16))
+    test = write_jsonl(tmp_path / "test.jsonl", tiny_rows(1, 3))
     # No randomness inside the forward (dropout, jitter) and no batch-level balance loss: the two
     # set-ups must then compute the same gradients, up to the order of float additions.
     config = tiny_config(
         tmp_path,
         model,
         train,
-        None,
+        test,
         mixture={"dropout": 0.0, "balance": {"switch": 0.0}},
         router={"name": "topk", "k": 2, "jitter": 0.0},
         train={"max_steps": 5, "batch_size": 2, "lr": 2e-2},
-        eval={"after_training": False},
+        eval={"max_examples_per_task": 3, "max_new_tokens": 3},
     )
     path = write_config(tmp_path / "ddp.yaml", config)
     two = run(
@@ -63,6 +65,13 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # one process: micro-batches of 2, accumulated twice (the same 4 examples per step)
     one = run([str(BIN / "lomix"), "train", str(path), f"output_dir={tmp_path / 'one'}", "train.grad_accum=2"])
     assert "global batch 4, 1 process(es)" in one.stdout
+
+    # evaluation shares the examples out across the processes and gathers them: same table
+    one_eval = json.loads((tmp_path / "one" / "eval.json").read_text())
+    two_eval = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert two_eval["mean"]["n"] == one_eval["mean"]["n"] == 9
+    for task, result in one_eval["tasks"].items():
+        assert two_eval["tasks"][task]["score"] == pytest.approx(result["score"]), task
 
     def losses(folder):
         lines = (tmp_path / folder / "log.jsonl").read_text().splitlines()

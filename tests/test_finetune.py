@@ -145,6 +145,24 @@ def test_resume_depends_on_every_restored_state(assets, tmp_path, run_recipe):
     assert loss_list(moved) != pytest.approx(reference, abs=1e-6)
 
 
+def test_the_seed_alone_fixes_the_run_whatever_asset_loading_draws(assets, tmp_path, run_recipe, monkeypatch):
+    plain = run_recipe(config(assets, tmp_path / "plain"))
+    from lomix.recipes import assets as assets_module
+
+    original = assets_module.load_model_and_tokenizer
+
+    def converting(*args, **kwargs):  # a first run converts a GGUF file, which draws random numbers
+        torch.rand(1000)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(assets_module, "load_model_and_tokenizer", converting)
+    first = run_recipe(config(assets, tmp_path / "first"))
+    assert loss_list(first) == loss_list(plain)
+    other_seed = config(assets, tmp_path / "seed1")
+    other_seed.seed = 1
+    assert loss_list(run_recipe(other_seed)) != pytest.approx(loss_list(plain), abs=1e-6)
+
+
 def _train(**extra):
     return {"max_steps": 6, "batch_size": 4, "lr": 2e-2, "warmup_steps": 2, "log_every": 1, "progress": False, **extra}
 
