@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from . import catalog, commands
 from .hub import hub_app
 
 app = typer.Typer(
@@ -16,7 +17,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(hub_app, name="hub", help="Pull and push PEFT LoRA adapters and lomix mixtures (hub or folders).")
 
 
 def _version(value: bool) -> None:
@@ -48,6 +48,13 @@ def show(directory: Path = typer.Argument(..., help="A folder holding a saved lo
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
+
+
+# Sub-commands live in their own modules and register here, one line each.
+app.command("train", epilog=commands.train_epilog())(commands.train)
+app.command("eval")(commands.evaluate)
+app.add_typer(catalog.app, name="recipes")
+app.add_typer(hub_app, name="hub", help="Pull and push PEFT LoRA adapters and lomix mixtures (hub or folders).")
 
 
 def main() -> None:

