@@ -74,8 +74,9 @@ def evaluate(
 
 def train_epilog() -> str:
     """The config reference printed under ``lomix train --help``: every field, its default and help."""
-    from lomix.recipes.config import config_reference
     from rich.markup import escape
+
+    from lomix.recipes.config import config_reference
 
     # typer renders help through rich: escape the reference so "[tensorboard]" is not read as markup.
     return "Config fields (YAML sections; override any as section.key=value):\n\n" + escape(config_reference())

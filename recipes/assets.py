@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 
 import torch
-from lomix.recipes.config import ModelConfig
 
 from lomix.atomic import atomic_directory
 from lomix.errors import ConfigError, LomixError
+from lomix.recipes.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

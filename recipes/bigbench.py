@@ -26,10 +26,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lomix.atomic import atomic_file
 from lomix.recipes.assets import AssetError, cache_dir
 from lomix.recipes.config import BigBenchConfig
-
-from lomix.atomic import atomic_file
 
 # pip 25+ refuses to even download an sdist whose metadata has a direct-URL dependency, and
 # bigbench's does (bleurt @ file://...). pip 24.3.1 still downloads it; it is fetched from PyPI once

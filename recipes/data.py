@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lomix.recipes.config import LOCAL_DATA_SUFFIXES, DataConfig
 
 from lomix.errors import LomixError
+from lomix.recipes.config import LOCAL_DATA_SUFFIXES, DataConfig
 
 IGNORE_INDEX = -100
 

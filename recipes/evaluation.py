@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lomix.recipes.config import EvalConfig
-from lomix.recipes.data import Example, Formatter, TaskSet
 from torch.nn import functional as F
 
 import lomix
 from lomix.atomic import atomic_file
 from lomix.errors import ConfigError
+from lomix.recipes.config import EvalConfig
+from lomix.recipes.data import Example, Formatter, TaskSet
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
@@ -343,6 +343,7 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate a finished (or checkpointed) run on its test data; writes RUN_DIR/eval*.json."""
     from accelerate import Accelerator
+
     from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
     from lomix.recipes.config import load_config
     from lomix.recipes.data import check_test_tasks, load_test_examples

@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
-from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
 from torch.nn import functional as F
 
 import lomix
 from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError
+from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
+from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -205,6 +205,7 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
 def setup(cfg: FinetuneConfig) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
     from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
     from lomix.recipes.data import load_examples
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 
 import pytest
-from lomix.recipes import assets
-from lomix.recipes.config import ModelConfig
 from tiny_assets import make_model_dir
 
 from lomix.errors import ConfigError
+from lomix.recipes import assets
+from lomix.recipes.config import ModelConfig
 
 
 def test_the_cache_folder_follows_lomix_cache(monkeypatch, tmp_path):

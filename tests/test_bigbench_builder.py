@@ -7,6 +7,7 @@ import json
 import tarfile
 
 import pytest
+
 from lomix.recipes import bigbench
 from lomix.recipes.assets import AssetError
 from lomix.recipes.config import BigBenchConfig

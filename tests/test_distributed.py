@@ -11,12 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lomix.recipes
 import pytest
 from safetensors.torch import load_file
 from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_config, write_jsonl
 
 import lomix
+import lomix.recipes
 
 BIN = Path(sys.executable).parent
 DDP_CONFIG = Path(lomix.recipes.__file__).resolve().parent / "configs" / "accelerate" / "ddp.yaml"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_experts
-from lomix.recipes import evaluation
-from lomix.recipes.config import DataConfig, EvalConfig
-from lomix.recipes.data import Example, Formatter, TaskSet
 from tiny_assets import make_model_dir
 
 import lomix
 from lomix.errors import ConfigError
+from lomix.recipes import evaluation
+from lomix.recipes.config import DataConfig, EvalConfig
+from lomix.recipes.data import Example, Formatter, TaskSet
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
-from lomix.recipes import finetune
-from lomix.recipes.config import TrainConfig, build_config
 from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_jsonl
 
 from lomix.errors import ConfigError
+from lomix.recipes import finetune
+from lomix.recipes.config import TrainConfig, build_config
 
 
 @pytest.fixture
@@ -60,11 +60,11 @@ def test_answer_loss_sum_equals_the_models_own_mean_loss_times_tokens():
 def test_a_padded_batch_has_the_loss_of_its_rows_alone(assets):
     """Left padding, position ids and the answer-only logits change nothing: the batch's summed answer
     loss equals the models' own loss on each unpadded row (an independent reference)."""
-    from lomix.recipes.config import DataConfig
-    from lomix.recipes.data import Collator, Formatter, load_examples, task_set, tokenize
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lomix
+    from lomix.recipes.config import DataConfig
+    from lomix.recipes.data import Collator, Formatter, load_examples, task_set, tokenize
 
     _, model_dir, train = assets
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lomix.recipes import config as rc
 
 from lomix.errors import ConfigError
+from lomix.recipes import config as rc
 from lomix.routers import available_routers, router_class
 from lomix.typed import field_docs
 

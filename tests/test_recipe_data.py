@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from tiny_assets import CHATML, make_model_dir, tiny_rows, write_jsonl
+
 from lomix.recipes.config import DataConfig
 from lomix.recipes.data import (
     IGNORE_INDEX,
@@ -18,7 +20,6 @@ from lomix.recipes.data import (
     task_set,
     tokenize,
 )
-from tiny_assets import CHATML, make_model_dir, tiny_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -167,8 +167,9 @@ def test_a_run_killed_mid_checkpoint_keeps_the_previous_one_and_resumes(referenc
     assert [p.name for p in checkpoints.iterdir() if not p.name.startswith(".")] == ["step-000002"]
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".step-000004.tmp")], "no partial folder"
     # The surviving checkpoint is a loadable mixture...
-    from lomix.recipes.config import load_config
     from transformers import AutoModelForCausalLM
+
+    from lomix.recipes.config import load_config
 
     cfg = load_config(path)
     lomix.load(AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path), checkpoints / "step-000002" / "mixture")
