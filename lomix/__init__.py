@@ -39,6 +39,7 @@ from .losses import aux_loss, router_z_loss, switch_load_balancing_loss
 from .params import parameter_groups
 from .routers import Router, RouterConfig, available_routers, register_router, router_config
 from .routing import ParameterMixing, RoutingContext, TokenRouting
+from .stats import RoutingStats
 
 __all__ = [
     "CONFIG_NAME",
@@ -58,6 +59,7 @@ __all__ = [
     "RouterConfig",
     "RoutingContext",
     "RoutingError",
+    "RoutingStats",
     "ShapeMismatchError",
     "TargetModulesNotFoundError",
     "TokenRouting",
