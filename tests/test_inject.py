@@ -167,3 +167,23 @@ def test_other_builtin_routers_run_inside_a_model(llama_case, router, tmp_path):
 
 def test_model_cases_cover_the_four_families():
     assert set(MODEL_CASES) == {"llama", "gpt2", "bert", "t5"}
+
+
+def test_loading_into_a_model_in_eval_mode_routes_without_training_noise(llama_case, tmp_path):
+    """Mixture layers take the mode of the layer they wrap: a mixture loaded into an eval-mode base
+    for inference must not apply router jitter or expert dropout (different outputs per call)."""
+    config = mixture_config(llama_case, dropout=0.3, router=lomix.router_config("topk", k=2, jitter=0.5))
+    model, fresh = build_pair(llama_case)
+    lomix.inject(model, config)
+    randomize_experts(model)
+    lomix.save(model, tmp_path / "mixture")
+    loaded = lomix.load(fresh.eval(), tmp_path / "mixture")
+    assert not any(module.training for module in loaded.modules())
+    inputs = llama_case.inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first, second = loaded(**inputs).logits, loaded(**inputs).logits
+        expected = model.eval()(**inputs).logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    training = lomix.inject(build_pair(llama_case)[0].train(), config)  # a base in training mode keeps training
+    assert all(layer.training for _, layer in lomix.mixture_layers(training))
