@@ -126,11 +126,17 @@ def model_folder(cfg: ModelConfig) -> str:
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, folder: str | None = None):
-    """(model, tokenizer) of the frozen base, in ``cfg.dtype``, in eval mode. Safetensors weights only."""
+    """(model, tokenizer) of the frozen base, in ``cfg.dtype`` (its linear layers in 4 or 8 bits with
+    ``model.load_in_4bit`` / ``load_in_8bit``), in eval mode. Safetensors weights only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lomix.recipes.quantization import bnb_config
+
+    quantization = bnb_config(cfg)  # bitsandbytes' absence is named before the GGUF conversion
     folder = folder or model_folder(cfg)
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    # A GGUF model is quantized from its cached safetensors copy (folder), never from the GGUF file.
+    quantized = {"quantization_config": quantization} if quantization is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
@@ -138,6 +144,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, folder: str | None = None):
             dtype=DTYPES[cfg.dtype],
             use_safetensors=True,
             attn_implementation=cfg.attn_implementation,
+            **quantized,
             **kwargs,
         )
     except OSError as exc:

@@ -55,10 +55,48 @@ class ModelConfig:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "transformers attention implementation (eager, sdpa, ...); null: its default"}
     )
+    # Quantized base (QLoRA-style): mapped onto transformers' BitsAndBytesConfig by lomix.recipes.quantization.
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "quantize the base's linear layers to 4 bits with bitsandbytes while loading (needs bitsandbytes; "
+            "a GGUF model is quantized from its cached safetensors copy)"
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "quantize the base's linear layers to int8 (LLM.int8()) with bitsandbytes"}
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 (normal float, QLoRA) or fp4"}
+    )
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = field(
+        default=None,
+        metadata={"help": "dtype the 4-bit layers multiply in; null: model.dtype (keep float32 on CPU)"},
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=False, metadata={"help": "quantize the 4-bit blocks' scales too (~0.4 bits per weight less)"}
+    )
+    llm_int8_threshold: float = field(
+        default=6.0,
+        metadata={"help": "8-bit: input features whose magnitude exceeds this are multiplied in fp16 (outliers)"},
+    )
+    llm_int8_skip_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "modules left unquantized (names as in transformers); null: transformers' choice (lm_head)"},
+    )
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise ConfigError("model.name_or_path", "must name a model (hub id, folder or pypi:<package>)")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("model.load_in_8bit", "cannot be combined with model.load_in_4bit; choose one of them")
+        if self.llm_int8_threshold < 0:
+            raise ConfigError("model.llm_int8_threshold", f"must be >= 0, got {self.llm_int8_threshold}")
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base loads in 4 or 8 bits."""
+        return self.load_in_4bit or self.load_in_8bit
 
 
 @dataclass
@@ -200,6 +238,14 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in backward (less memory, ~30% slower)"}
+    )
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = field(
+        default="adamw",
+        metadata={
+            "help": "adamw (torch), or bitsandbytes' adamw8bit (8-bit states for tensors of >= 4096 values), "
+            "paged_adamw / paged_adamw8bit (states paged to CPU memory on CUDA; on a CPU bitsandbytes warns and "
+            "runs them unpaged)"
+        },
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
         default="no", metadata={"help": "accelerate autocast precision (keep 'no' on CPU)"}

@@ -40,6 +40,7 @@ import lomix
 from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError
+from lomix.quant import prepare_kbit_training
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
 from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
 
@@ -206,9 +207,11 @@ def setup(cfg: FinetuneConfig) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from lomix.recipes import quantization
     from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
     from lomix.recipes.data import load_examples
 
+    quantization.check(cfg.model, cfg.train)  # a missing bitsandbytes is named before anything loads
     out = check_output_dir(cfg)
     checkpoint = find_checkpoint(cfg.resume_from) if cfg.resume_from else None
     accelerator = Accelerator(
@@ -231,6 +234,8 @@ def setup(cfg: FinetuneConfig) -> Run:
     formatter = Formatter(tokenizer, cfg.data)
     features = tokenize(train_examples, formatter, tasks)
 
+    if cfg.model.quantized:  # QLoRA-style: fp32 norms, no CPU repacking of 4-bit weights while training
+        prepare_kbit_training(model)
     lomix.inject(model, cfg.mixture)
     if cfg.train.gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # the frozen embeddings need no requires_grad trick this way
@@ -268,7 +273,7 @@ def setup(cfg: FinetuneConfig) -> Run:
     groups = lomix.parameter_groups(
         model, cfg.train.lr, router_lr=cfg.train.router_lr, weight_decay=cfg.train.weight_decay
     )
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = quantization.build_optimizer(groups, cfg.train)  # torch AdamW or a bitsandbytes 8-bit one
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 

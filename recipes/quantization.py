@@ -1,0 +1,89 @@
+"""bitsandbytes in the recipes: a quantized base (``model.load_in_4bit`` / ``model.load_in_8bit``) and
+8-bit optimizers (``train.optimizer``).
+
+    lomix train recipes/configs/quickstart_4bit.yaml                 # nf4 base, double quantization
+    lomix train recipes/configs/quickstart.yaml model.load_in_8bit=true train.optimizer=adamw8bit
+
+The model fields map one to one onto transformers' ``BitsAndBytesConfig``; the finetune recipe then
+calls `lomix.quant.prepare_kbit_training` before injecting the mixture. bitsandbytes is optional:
+a config that needs it fails, naming the field, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from lomix.errors import ConfigError
+from lomix.quant import INSTALL_HINT
+from lomix.recipes.config import ModelConfig, TrainConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# bitsandbytes' optimizer class for each train.optimizer (torch's AdamW for "adamw").
+OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw8bit": "PagedAdamW8bit"}
+
+
+def require_bitsandbytes(field: str, value: Any) -> Any:
+    """The bitsandbytes module, or a `ConfigError` naming the field that asked for it."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(field, f"{value!r} needs bitsandbytes, which is not installed: {INSTALL_HINT}") from None
+    return bitsandbytes
+
+
+def check(model: ModelConfig, train: TrainConfig | None = None) -> None:
+    """Fail early, naming the field, when a config needs bitsandbytes and it is missing."""
+    if model.load_in_4bit:
+        require_bitsandbytes("model.load_in_4bit", True)
+    if model.load_in_8bit:
+        require_bitsandbytes("model.load_in_8bit", True)
+    if train is not None and train.optimizer in OPTIMIZERS:
+        require_bitsandbytes("train.optimizer", train.optimizer)
+
+
+def bnb_config(cfg: ModelConfig):
+    """transformers' ``BitsAndBytesConfig`` for ``cfg``, or None for an unquantized base."""
+    if not cfg.quantized:
+        return None
+    check(cfg)
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        quiet_int8_cast_warning()
+    return BitsAndBytesConfig(
+        load_in_4bit=cfg.load_in_4bit,
+        load_in_8bit=cfg.load_in_8bit,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=DTYPES[cfg.bnb_4bit_compute_dtype or cfg.dtype],
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        llm_int8_threshold=cfg.llm_int8_threshold,
+        llm_int8_skip_modules=cfg.llm_int8_skip_modules,
+    )
+
+
+class _DropInt8CastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will be cast from" not in record.getMessage()
+
+
+def quiet_int8_cast_warning() -> None:
+    """bitsandbytes logs "inputs will be cast ... to float16" at EVERY int8 inference matmul of a float32
+    model (each layer, each step of an evaluation): it is expected there, so the recipes drop it."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastWarning) for f in logger.filters):
+        logger.addFilter(_DropInt8CastWarning())
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer`` over the parameter groups of `lomix.parameter_groups` (their lr, weight decay)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups)
+    bnb = require_bitsandbytes("train.optimizer", cfg.optimizer)
+    return getattr(bnb.optim, OPTIMIZERS[cfg.optimizer])(groups)
+
+
+__all__ = ["OPTIMIZERS", "bnb_config", "build_optimizer", "check", "quiet_int8_cast_warning", "require_bitsandbytes"]
