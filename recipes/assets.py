@@ -130,14 +130,14 @@ def load_model_and_tokenizer(cfg: ModelConfig, folder: str | None = None):
     ``model.load_in_4bit`` / ``load_in_8bit``), in eval mode. Safetensors weights only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lomix.recipes.quantization import bnb_config
+    from lomix.recipes.quantization import check, quantized_load_kwargs
 
-    quantization = bnb_config(cfg)  # bitsandbytes' absence is named before the GGUF conversion
+    check(cfg)  # a missing bitsandbytes is named before the GGUF conversion
     folder = folder or model_folder(cfg)
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    # A GGUF model is quantized from its cached safetensors copy (folder), never from the GGUF file.
-    quantized = {"quantization_config": quantization} if quantization is not None else {}
     try:
+        # A GGUF model is quantized from its cached safetensors copy (folder), never from the GGUF file.
+        quantized = quantized_load_kwargs(cfg, folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             folder,

@@ -65,6 +65,26 @@ def bnb_config(cfg: ModelConfig):
     )
 
 
+def quantized_load_kwargs(cfg: ModelConfig, folder: str, **kwargs: Any) -> dict[str, Any]:
+    """``from_pretrained`` keywords that load ``folder`` quantized as ``cfg`` asks ({} for an unquantized base).
+
+    A GGUF model's cached safetensors copy holds dequantized weights but keeps the GGUF file's
+    ``quantization_config`` (quant_method gguf) in its config.json, which transformers would refuse to
+    combine with a BitsAndBytesConfig: that stale entry is dropped from the loaded config.
+    """
+    quantization = bnb_config(cfg)
+    if quantization is None:
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    stale = getattr(config, "quantization_config", None)
+    method = stale.get("quant_method") if isinstance(stale, dict) else getattr(stale, "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":
+        del config.quantization_config
+    return {"quantization_config": quantization, "config": config}
+
+
 class _DropInt8CastWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "will be cast from" not in record.getMessage()
@@ -86,4 +106,12 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opt
     return getattr(bnb.optim, OPTIMIZERS[cfg.optimizer])(groups)
 
 
-__all__ = ["OPTIMIZERS", "bnb_config", "build_optimizer", "check", "quiet_int8_cast_warning", "require_bitsandbytes"]
+__all__ = [
+    "OPTIMIZERS",
+    "bnb_config",
+    "build_optimizer",
+    "check",
+    "quantized_load_kwargs",
+    "quiet_int8_cast_warning",
+    "require_bitsandbytes",
+]

@@ -163,6 +163,26 @@ def _reset():
     AcceleratorState._reset_state(True)
 
 
+def test_a_gguf_models_cached_copy_loads_quantized(assets, tmp_path):
+    """The safetensors copy of a GGUF model keeps the GGUF file's quantization_config in its config.json;
+    transformers refuses to combine it with a BitsAndBytesConfig unless the stale entry is dropped."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(assets[1], tmp_path / "from_gguf")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"dequantize": False, "gguf_file": "m.gguf", "quant_method": "gguf"}
+    (folder / "config.json").write_text(json.dumps(config))
+    plain, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(folder)))
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(folder), load_in_4bit=True))
+    assert {type(layer).__name__ for _, layer in quantized_linears(model)} == {"Linear4bit"}
+    assert model.config.quantization_config.quant_method == "bitsandbytes"
+    ids = torch.tensor([[5, 17, 40, 3]])
+    with torch.no_grad():
+        difference = (model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max()
+    assert 0 < difference < 0.5  # the same model, up to 4-bit rounding
+
+
 @pytest.mark.parametrize(
     ("model", "optimizer", "layer_type"),
     [
