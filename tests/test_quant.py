@@ -8,6 +8,7 @@ forward, and plain torch AdamW for the optimizer.
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -17,7 +18,14 @@ from torch import nn
 import lomix
 from lomix.checkpoint import mixture_state_dict
 from lomix.layer import MixtureLinear
-from lomix.quant import compute_dtype, dequantized_weight, is_quantized, prepare_kbit_training, quantized_linears
+from lomix.quant import (
+    compute_dtype,
+    dequantized_weight,
+    is_quantized,
+    prepare_kbit_training,
+    quantized_linears,
+    unmap_checkpoint,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.nn import Linear4bit, Linear8bitLt  # noqa: E402
@@ -361,3 +369,24 @@ def test_re_entrant_checkpointing_over_a_quantized_base_gives_the_plain_gradient
             torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
     with pytest.raises(lomix.UnsupportedModuleError, match="enable_input_require_grads"):
         prepare_kbit_training(nn.Sequential(nn.Linear(2, 2)), input_require_grads=True)
+
+
+def test_unmap_checkpoint_lets_the_full_precision_file_go(llama_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(llama_dir, tmp_path / "own")  # a file no other test's model maps
+    checkpoint = str((folder / "model.safetensors").resolve())
+
+    def mapped() -> bool:
+        return any(line.rstrip().endswith(checkpoint) for line in open("/proc/self/maps"))
+
+    model = load(folder, "4bit")
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    assert mapped(), "transformers no longer maps the checkpoint: this test checks nothing"
+    unmap_checkpoint(model)
+    gc.collect()
+    assert not mapped()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
