@@ -219,20 +219,30 @@ def test_a_quantized_base_trains_saves_and_reloads_to_the_same_logits(assets, tm
 
 
 @pytest.mark.slow
-def test_a_4bit_run_with_an_8bit_optimizer_resumes_exactly(assets, tmp_path):
+def test_a_4bit_run_with_an_8bit_optimizer_resumes_exactly_and_evaluates_again(assets, tmp_path):
     """accelerate checkpoints bitsandbytes' optimizer state with the mixture: the resumed steps repeat
-    the uninterrupted run's losses."""
+    the uninterrupted run's losses. The evaluation recipe reloads the run over a freshly quantized
+    base and reproduces the run's own final evaluation."""
+    from lomix.recipes import evaluation
+
+    root = assets[0]
+    test_file = write_jsonl(root / "test.jsonl", tiny_rows(1, 2))
     model = {"load_in_4bit": True}
     try:
-        full = finetune.run(config(assets, tmp_path / "full", model, optimizer="adamw8bit", save_every=2))
+        cfg = config(assets, tmp_path / "full", model, optimizer="adamw8bit", save_every=2)
+        cfg.data.test, cfg.eval.after_training, cfg.eval.max_new_tokens = str(test_file), True, 3
+        full = finetune.run(cfg)
         checkpoint = tmp_path / "full" / "checkpoints" / "step-000002"
         resumed_cfg = config(assets, tmp_path / "resumed", model, optimizer="adamw8bit")
         resumed_cfg.resume_from = str(checkpoint)
         _reset()
         resumed = finetune.run(resumed_cfg)
+        _reset()
+        again = evaluation.run(tmp_path / "full")
     finally:
         _reset()
     expected = [r["loss"] for r in full["records"] if "loss" in r][2:]
     got = [r["loss"] for r in resumed["records"] if "loss" in r]
     assert len(got) == 2 and got == pytest.approx(expected, abs=1e-6)
     assert len(set(got)) == 2
+    assert full["after"]["mean"]["n"] == 6 and again == full["after"]
