@@ -123,7 +123,9 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MixtureLinear(getattr(parent, child), config, holder, name))
+        base = getattr(parent, child)
+        # The new layer follows the wrapped module's mode: a model in eval mode gets no expert dropout.
+        setattr(parent, child, MixtureLinear(base, config, holder, name).train(base.training))
     trainable = {id(p) for p in mixture_parameters(model)}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)

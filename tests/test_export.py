@@ -221,3 +221,43 @@ def test_token_routed_mixtures_and_residuals_are_refused_with_the_options(tmp_pa
     with pytest.raises(NotFixedRouteError, match=r"needs task_ids.*--task T"):
         fixed_loras(task)
     assert set(fixed_loras(task, task_ids=[2])) == {n for n, _ in lomix.mixture_layers(task)}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merged_export_dequantizes_a_bitsandbytes_base_and_says_so(tmp_path, bits):
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base, _ = build_pair(MODEL_CASES["llama"])
+    base.save_pretrained(tmp_path / "base")
+    quant = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
+    config = dict(num_experts=2, rank=2, router={"name": "fixed", "experts": [0, 1], "weights": [0.5, 0.5]})
+    lomix.inject(model.eval(), lomix.MixtureConfig(target_modules=["q_proj", "down_proj"], **config))
+    randomize_experts(model, std=0.3)
+    info = export_merged(model, tmp_path / "merged")
+    assert info["notes"] == [
+        f"the base was quantized with bitsandbytes ({bits}bit): it was dequantized, merged and saved in full "
+        "precision (float32)"
+    ]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    name = "model.layers.1.self_attn.q_proj"
+    layer = model.get_submodule(name)
+    weight = layer.base_layer.weight
+    if bits == 4:
+        dequantized = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    else:  # LLM.int8: row-wise absmax scaling, W = CB * SCB / 127
+        dequantized = weight.data.float() * weight.SCB.float()[:, None] / 127
+    delta = layer.scale * 0.5 * sum(layer.experts.B[e] @ layer.experts.A[e] for e in (0, 1))
+    expected = dequantized.float() + delta.detach()
+    torch.testing.assert_close(merged.get_submodule(name).weight, expected, rtol=1e-5, atol=1e-5)
+    inputs = MODEL_CASES["llama"].inputs(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference, got = model(**inputs).logits, merged(**inputs).logits
+    # 4-bit layers compute with the dequantized weight: equal; LLM.int8 also quantizes activations
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-5 if bits == 4 else 2e-2)
