@@ -270,3 +270,21 @@ def test_merged_layout_is_validated_with_the_field_named():
     config = lomix.MixtureConfig(num_experts=4, merged={"expert_map": {"q": [0, 1, 0, -1]}, "residual_density": 0.01})
     assert lomix.MixtureConfig.from_json(config.to_json()) == config
     assert "merged" not in lomix.MixtureConfig().to_dict()  # unmerged configs are written as before
+
+
+@lomix.register_router("test_merge_task_mix", lomix.RouterConfig)
+class _TaskMix(lomix.Router):
+    """Poly-like: one softmax row of weights over the experts, whatever the input."""
+
+    def __init__(self, config, d_in, num_experts):
+        super().__init__(config, d_in, num_experts)
+        self.logits = torch.nn.Parameter(torch.randn(1, 1, num_experts))
+
+    def forward(self, x, context):
+        return lomix.ParameterMixing(weights=self.logits.softmax(-1).expand(x.shape[0], -1, -1))
+
+
+def test_parameter_mixing_mixtures_are_pointed_to_export_instead():
+    model, _ = _mixture(router={"name": "test_merge_task_mix"})
+    with pytest.raises(lomix.LomixError, match=r"mixes parameters per task \(Poly/MHR\).*lomix export --task"):
+        merge_mixture(model, _stats(model, _batches(1)), MergeOptions(experts=2))
