@@ -90,7 +90,15 @@ def main() -> None:
     clock = time.time()
     unmerged = evaluate(teacher, test, args.eval_per_task)
     reference = unmerged["mean"]["score"]
-    rows = [row("unmerged E=8", unmerged, reference, adapter_bytes(teacher.model) / 2**20, time.time() - clock)]
+    rows = [
+        row(
+            f"unmerged E={teacher.model.lomix_state.config.num_experts}",
+            unmerged,
+            reference,
+            adapter_bytes(teacher.model) / 2**20,
+            time.time() - clock,
+        )
+    ]
     print(table(rows), flush=True)
     results = {"args": vars(args), "rows": rows, "merges": {}}
 
@@ -100,35 +108,25 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
-    for experts in args.experts:
-        for name in args.variants:
-            student = load_run(args.run_dir)
-            options = MergeOptions(experts=experts, **VARIANTS[name])
-            clock = time.time()
-            report = merge_run(student, options, stats=stats)
-            merged = evaluate(student, test, args.eval_per_task)
-            size = adapter_bytes(student.model) / 2**20
-            label = f"N={experts:g} {name}"
-            rows.append(row(label, merged, reference, size, time.time() - clock))
-            results["merges"][label] = {k: report[k] for k in ("experts_after", "bytes_before", "bytes_after")}
-            if args.recover_steps:
-                from lomix.recipes.distill import recover
-                from lomix.recipes.runs import batches
-
+    # All merges first, then the recovered ones: a cut-short run still has the whole first table.
+    for recovery in [False, True] if args.recover_steps else [False]:
+        for experts in args.experts:
+            for name in args.variants:
+                label = f"N={experts:g} {name}" + (" + recovery" if recovery else "")
+                student = load_run(args.run_dir)
                 clock = time.time()
-                examples = run_examples(student, "train", None)
-                order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
-                chosen = [examples[i] for i in order[: args.recover_steps * args.batch_size]]
-                records = recover(
-                    student.model, teacher.model, batches(student, chosen, args.batch_size), args.recover_steps,
-                    args.recover_lr,
+                report = merge_run(
+                    student, MergeOptions(experts=experts, **VARIANTS[name]), stats=stats, teacher=teacher.model,
+                    recover_steps=args.recover_steps if recovery else 0, recover_lr=args.recover_lr,
+                    batch_size=args.batch_size,
                 )  # fmt: skip
-                recovered = evaluate(student, test, args.eval_per_task)
-                rows.append(row(label + " + recovery", recovered, reference, size, time.time() - clock))
-                results["merges"][label]["recovery"] = records
-            print(table(rows[-2:] if args.recover_steps else rows[-1:]).split("\n", 2)[-1], flush=True)
-            save()
-            del student
+                result = evaluate(student, test, args.eval_per_task)
+                rows.append(row(label, result, reference, adapter_bytes(student.model) / 2**20, time.time() - clock))
+                keep = ("experts_after", "bytes_before", "bytes_after", "recovery")
+                results["merges"][label] = {k: report[k] for k in keep}
+                print(table(rows[-1:]).split("\n", 2)[-1], flush=True)
+                save()
+                del student
     save()
     print(f"\nload average {load_before} -> {os.getloadavg()}; {results['minutes']:.1f} min in all")
     print(table(rows))

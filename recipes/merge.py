@@ -49,7 +49,6 @@ def merge_run(
     teacher: torch.nn.Module | None = None,
     recover_steps: int = 0,
     recover_lr: float = 1e-4,
-    recover_examples: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -61,9 +60,9 @@ def merge_run(
 
         if teacher is None:
             raise ValueError("recovery needs the unmerged mixture as teacher")
-        examples = run_examples(run, "train", recover_examples)
+        examples = run_examples(run, "train")
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-        shuffled = [examples[i] for i in order]
+        shuffled = [examples[i] for i in order[: recover_steps * batch_size]]  # one pass: each example once
         report["recovery"] = recover(run.model, teacher, batches(run, shuffled, batch_size), recover_steps, recover_lr)
     return report
 
