@@ -16,7 +16,7 @@ $(BIN)/python:
 # Stamps make a second `make` cheap; editing setup.cfg or the constraints reinstalls.
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(PIP) -e .
+	$(PIP) -e ".[plots]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

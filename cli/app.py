@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from . import catalog, commands
+from . import catalog, commands, tools
 from .hub import hub_app
 
 app = typer.Typer(
@@ -53,6 +53,9 @@ def show(directory: Path = typer.Argument(..., help="A folder holding a saved lo
 # Sub-commands live in their own modules and register here, one line each.
 app.command("train", epilog=commands.train_epilog())(commands.train)
 app.command("eval")(commands.evaluate)
+app.command("inspect")(tools.inspect)
+app.command("merge")(tools.merge)
+app.command("export")(tools.export)
 app.add_typer(catalog.app, name="recipes")
 app.add_typer(hub_app, name="hub", help="Pull and push PEFT LoRA adapters and lomix mixtures (hub or folders).")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .kernels import BACKENDS
+from .layout import MergedLayout
 from .routers import RouterConfig, router_config
 from .typed import from_dict, to_dict
 
@@ -61,12 +62,21 @@ class MixtureConfig:
         default="auto",
         metadata={"help": "kernel backend: auto (Triton on CUDA, torch on CPU), torch or triton"},
     )
+    merged: MergedLayout | None = field(
+        default=None,
+        metadata={
+            "help": "set by `lomix merge` (MC-SMoE): how the router's experts map onto each layer's merged bank; "
+            "null for a mixture as trained"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
             self.router = RouterConfig.from_config_dict(self.router)
         if isinstance(self.balance, dict):
             self.balance = from_dict(BalanceConfig, self.balance, "balance")
+        if isinstance(self.merged, dict):
+            self.merged = from_dict(MergedLayout, self.merged, "merged")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -83,6 +93,8 @@ class MixtureConfig:
         if self.kernel not in BACKENDS:
             raise ConfigError("kernel", f"must be one of {', '.join(BACKENDS)}, got {self.kernel!r}")
         self.router.validate(self.num_experts)
+        if self.merged is not None:
+            self.merged.validate(self.num_experts)
 
     @property
     def scale(self) -> float:
@@ -90,7 +102,7 @@ class MixtureConfig:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "target_modules": to_dict(self.target_modules),
             "exclude_modules": list(self.exclude_modules),
             "num_experts": self.num_experts,
@@ -102,6 +114,9 @@ class MixtureConfig:
             "balance": to_dict(self.balance),
             "kernel": self.kernel,
         }
+        if self.merged is not None:  # unmerged mixtures keep the files they always had
+            data["merged"] = self.merged.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MixtureConfig:

@@ -15,6 +15,7 @@ from .config import MixtureConfig
 from .errors import RoutingError, UnsupportedModuleError
 from .experts import ExpertBank
 from .kernels import mixture_lora, mixture_lora_mixed
+from .layout import SparseResidual, residual_size
 from .losses import router_z_loss, switch_load_balancing_loss
 from .routers import build_router
 from .routing import ContextHolder, ParameterMixing, RoutingContext, TokenRouting
@@ -73,8 +74,10 @@ class MixtureLinear(nn.Module):
         self.d_in, self.d_out = linear_dims(base_layer, name)
         self.base_layer = base_layer
         weight = getattr(base_layer, "weight", None)
+        # A merged mixture (MC-SMoE) has fewer bank experts than router experts: see lomix.layout.
+        mapping = config.merged.expert_map.get(name) if config.merged is not None else None
         self.experts = ExpertBank(
-            config.num_experts,
+            config.num_experts if mapping is None else max(mapping) + 1,
             config.rank,
             self.d_in,
             self.d_out,
@@ -82,6 +85,17 @@ class MixtureLinear(nn.Module):
             device=weight.device if weight is not None else None,
         )
         self.router = build_router(config.router, self.d_in, config.num_experts)
+        device = weight.device if weight is not None else None
+        self.register_buffer(
+            "expert_map", None if mapping is None else torch.tensor(mapping, device=device), persistent=False
+        )
+        self.residual: SparseResidual | None = None
+        density = config.merged.residual_density if config.merged is not None else 0.0
+        if density > 0:
+            nnz = residual_size(density, self.d_in, self.d_out)
+            self.residual = SparseResidual(
+                self.experts.num_experts, nnz, self.d_in, self.d_out, dtype=self.experts.A.dtype, device=device
+            )
         self.router.to(device=weight.device if weight is not None else None)
         check = getattr(self.router, "check_layer", None)
         if check is not None:
@@ -128,22 +142,37 @@ class MixtureLinear(nn.Module):
     def _token_routed(self, x: torch.Tensor, out: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
         A, B = self.experts.A, self.experts.B
         flat_x = x.reshape(-1, self.d_in)
+        indices, gates = routing.indices, routing.gates
+        if self.expert_map is not None:
+            # Router rebinding after merging: a bank expert gets the summed gate of the router experts
+            # that feed it (the kernel sums duplicate ids in a row); a dropped expert's gate is discarded.
+            mapped = self.expert_map[indices]
+            gates = gates * (mapped >= 0).to(gates.dtype)
+            indices = mapped.clamp(min=0)
+        if self.residual is not None:
+            residual = self.residual(flat_x.to(A.dtype), indices, gates, self.scale)
+            out = out + residual.view(out.shape).to(out.dtype)
         if out.dtype == x.dtype:  # fuse the residual add into the kernel
             fused = mixture_lora(
                 flat_x,
                 A,
                 B,
-                routing.indices,
-                routing.gates,
+                indices,
+                gates,
                 self.scale,
                 out=out.reshape(-1, self.d_out),
                 backend=self.kernel,
             )
             return fused.view(out.shape)
-        delta = mixture_lora(flat_x, A, B, routing.indices, routing.gates, self.scale, backend=self.kernel)
+        delta = mixture_lora(flat_x, A, B, indices, gates, self.scale, backend=self.kernel)
         return out + delta.view(out.shape).to(out.dtype)
 
     def _parameter_mixed(self, x: torch.Tensor, out: torch.Tensor, routing: ParameterMixing) -> torch.Tensor:
+        if self.expert_map is not None:
+            raise RoutingError(
+                f"{self.layer_name}: merged expert banks serve token-routed mixtures only; router "
+                f"{self.router.name!r} mixes parameters"
+            )
         batch = x.shape[0]
         if x.dim() < 2 or routing.weights.shape[0] != batch:
             raise RoutingError(

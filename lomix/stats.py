@@ -120,6 +120,16 @@ class LayerStats:
         norms = self.logit_gram.diagonal().clamp_min(1e-30).sqrt()
         return self.logit_gram / (norms[:, None] * norms[None, :])
 
+    def logit_summary(self) -> dict | None:
+        """Per expert: mean and standard deviation of its router logit over the tokens seen, and the
+        (E, E) cosine similarity of the logit columns (MC-SMoE's similarity is (cos + 1) / 2)."""
+        if not self.has_logits:
+            return None
+        n = max(self.tokens, 1)
+        mean = self.logit_sum / n
+        variance = (self.logit_gram.diagonal() / n - mean.pow(2)).clamp_min(0)
+        return {"mean": mean.tolist(), "std": variance.sqrt().tolist(), "cosine": self.logit_cosine().tolist()}
+
     def summary(self) -> dict:
         out: dict = {"tokens": self.tokens}
         if self.selected is not None:
@@ -148,7 +158,8 @@ class RoutingStats:
         for name, layer in mixture_layers(self.model):
             self._recording[name] = layer.record_routing
             layer.record_routing = True
-            self.layers.setdefault(name, LayerStats(layer.experts.num_experts))
+            # Router experts, not bank experts: a merged layer routes over more experts than it stores.
+            self.layers.setdefault(name, LayerStats(layer.router.num_experts))
             self._hooks.append(layer.register_forward_hook(self._hook(name)))
         return self
 
