@@ -120,10 +120,14 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
     targets = find_targets(model, config)
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
     holder = ContextHolder()
-    for name in targets:
+    # Every layer is built before any is swapped in: a layer the router rejects leaves the model untouched.
+    layers = {name: MixtureLinear(model.get_submodule(name), config, holder, name) for name in targets}
+    for layer in layers.values():
+        layer.train(model.training)  # a new layer follows the model's mode (Poly/MHR: noise in training only)
+    for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MixtureLinear(getattr(parent, child), config, holder, name))
+        setattr(parent, child, layer)
     trainable = {id(p) for p in mixture_parameters(model)}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
