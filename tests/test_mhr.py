@@ -252,6 +252,7 @@ def test_routers_get_their_own_learning_rate_by_default():
 def test_each_sequence_uses_its_own_task_row():
     model, _ = build_pair(MODEL_CASES["llama"])
     lomix.inject(model, mhr_config())
+    assert not any(layer.training for _, layer in lomix.mixture_layers(model))  # new layers follow eval mode
     randomize(model)
     batch, task_ids = inputs(), torch.tensor([2, 0, 1])
     together = model(**batch, task_ids=task_ids).logits
