@@ -36,6 +36,7 @@ from .inject import (
 from .kernels import mixture_lora, mixture_lora_mixed
 from .layer import MixtureLinear
 from .losses import aux_loss, router_z_loss, switch_load_balancing_loss
+from .mhr import add_tasks, average_skills, train_only_task_rows
 from .params import parameter_groups
 from .routers import Router, RouterConfig, available_routers, register_router, router_config
 from .routing import ParameterMixing, RoutingContext, TokenRouting
@@ -65,8 +66,10 @@ __all__ = [
     "TokenRouting",
     "UnsupportedModuleError",
     "__version__",
+    "add_tasks",
     "aux_loss",
     "available_routers",
+    "average_skills",
     "count_parameters",
     "eject",
     "find_targets",
@@ -83,4 +86,5 @@ __all__ = [
     "routing_context",
     "save",
     "switch_load_balancing_loss",
+    "train_only_task_rows",
 ]

@@ -120,13 +120,16 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
     targets = find_targets(model, config)
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
     holder = ContextHolder()
-    for name in targets:
+    # Every layer is built before any is swapped in: a layer the router rejects leaves the model untouched.
+    layers = {name: MixtureLinear(model.get_submodule(name), config, holder, name) for name in targets}
+    for name, layer in layers.items():
+        # A new layer follows the wrapped module's mode, or a model loaded for inference (eval mode)
+        # would route with training noise (Gumbel noise, router jitter, expert dropout).
+        layer.train(model.get_submodule(name).training)
+    for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        # New modules start in training mode: follow the base's, or a model loaded for inference
-        # (eval mode) would route with training noise (router jitter, expert dropout).
-        setattr(parent, child, MixtureLinear(base, config, holder, name).train(base.training))
+        setattr(parent, child, layer)
     trainable = {id(p) for p in mixture_parameters(model)}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)

@@ -100,6 +100,9 @@ class MixtureLinear(nn.Module):
         check = getattr(self.router, "check_layer", None)
         if check is not None:
             check(name, self.d_in, self.d_out)
+        init_experts = getattr(self.router, "init_experts", None)  # a router's own expert init (Poly/MHR)
+        if init_experts is not None:
+            init_experts(self.experts)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale
         self.kernel = config.kernel

@@ -19,15 +19,18 @@ def parameter_groups(
 ) -> list[dict[str, Any]]:
     """Trainable parameters split into ``experts``, ``routers`` and ``other`` groups.
 
-    ``router_lr`` defaults to ``lr``; Poly/MHR train their routers with a much larger one (0.1 vs
-    1e-3 in the paper). ``other`` holds anything else the user left trainable (a head, say) and
-    gets the experts' settings. Empty groups are left out. Each group carries a ``name``, which
-    torch optimizers keep and ignore.
+    ``router_lr`` defaults to the routers' own ``default_lr`` when they declare one (Poly/MHR: 0.1,
+    the paper's rate against 1e-3 for the adapters) and to ``lr`` otherwise. ``other`` holds
+    anything else the user left trainable (a head, say) and gets the experts' settings. Empty
+    groups are left out. Each group carries a ``name``, which torch optimizers keep and ignore.
     """
-    router_ids, expert_ids = set(), set()
+    router_ids, expert_ids, router_defaults = set(), set(), set()
     for _, layer in mixture_layers(model):
         router_ids.update(id(p) for p in layer.router.parameters())
         expert_ids.update(id(p) for p in layer.experts.parameters())
+        router_defaults.add(getattr(layer.router, "default_lr", None))
+    if router_lr is None and len(router_defaults) == 1:
+        router_lr = router_defaults.pop()  # None (the routers have no preference) keeps lr
     groups: dict[str, list[nn.Parameter]] = {"experts": [], "routers": [], "other": []}
     for param in model.parameters():
         if not param.requires_grad:

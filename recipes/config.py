@@ -20,6 +20,7 @@ import yaml
 
 from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
+from lomix.recipes.fewshot import FewshotConfig
 from lomix.routers import RouterConfig, available_routers, router_class
 from lomix.typed import _type_name, field_docs, from_dict, to_dict
 
@@ -221,7 +222,8 @@ class TrainConfig:
     )
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the experts"})
     router_lr: float | None = field(
-        default=None, metadata={"help": "peak learning rate of the routers; null: the same as lr"}
+        default=None,
+        metadata={"help": "peak learning rate of the routers; null: the router's own default (poly/mhr: 0.1), else lr"},
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the experts"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from 0 to the peak rate"})
@@ -341,6 +343,10 @@ class FinetuneConfig:
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+    fewshot: FewshotConfig = field(
+        default_factory=FewshotConfig,
+        metadata={"help": "few-shot adaptation: start from a trained mixture (MHR-z, MHR-mu, continued training)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, dropout and routing noise"})
     output_dir: str = field(default="runs/lomix", metadata={"help": "run folder: config, logs, checkpoints, mixture"})
     resume_from: str | None = field(
@@ -504,6 +510,7 @@ __all__ = [
     "ColumnsConfig",
     "DataConfig",
     "EvalConfig",
+    "FewshotConfig",
     "FinetuneConfig",
     "ModelConfig",
     "TrainConfig",

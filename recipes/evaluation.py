@@ -347,6 +347,7 @@ def run(
     from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
     from lomix.recipes.config import load_config
     from lomix.recipes.data import check_test_tasks, load_test_examples
+    from lomix.recipes.fewshot import mixture_task_set
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
@@ -367,6 +368,7 @@ def run(
     check_test_tasks(set(tasks.names), test)
     if not base:
         lomix.load(model, mixture_dir)
+        tasks = mixture_task_set(model, tasks)  # a task router's saved names decide the task ids
     model.to(accelerator.device)
     results = evaluate_model(
         model, Formatter(tokenizer, cfg.data), test, tasks, cfg.eval, accelerator, cfg.train.progress, "eval"

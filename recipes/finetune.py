@@ -43,6 +43,7 @@ from lomix.errors import CheckpointError, ConfigError
 from lomix.quant import prepare_kbit_training
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
 from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
+from lomix.recipes.fewshot import build_mixture, resolve_tasks
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -231,12 +232,13 @@ def setup(cfg: FinetuneConfig) -> Run:
     # build the model it copies into) initialises the mixture exactly like a later cached run.
     set_seed(cfg.seed)
     tasks = task_set(train_examples, cfg.data)
+    data_tasks, tasks = tasks.names, resolve_tasks(cfg, tasks)  # task routers: ids follow their rows
     formatter = Formatter(tokenizer, cfg.data)
     features = tokenize(train_examples, formatter, tasks)
 
     if cfg.model.quantized:  # QLoRA-style: fp32 norms, no CPU repacking of 4-bit weights while training
         prepare_kbit_training(model)
-    lomix.inject(model, cfg.mixture)
+    build_mixture(model, cfg, tasks, data_tasks)  # lomix.inject, or a few-shot start (cfg.fewshot)
     if cfg.train.gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # the frozen embeddings need no requires_grad trick this way
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -310,6 +312,7 @@ def setup(cfg: FinetuneConfig) -> Run:
         f"r={cfg.mixture.rank}, router {cfg.mixture.router.name}; {count}\n"
         f"lomix: {len(features)} training examples in {len(tasks.names)} tasks, {steps_per_epoch} steps per epoch, "
         f"global batch {global_batch}, {accelerator.num_processes} process(es)"
+        + (f"; few-shot {cfg.fewshot.method} from {cfg.fewshot.init_from}" if cfg.fewshot.init_from else "")
         + (f"; resuming from {checkpoint} at step {state.step}" if checkpoint else "")
     )
     return run

@@ -12,6 +12,7 @@ from .base import (
 )
 from .dense import DenseRouter, DenseRouterConfig
 from .fixed import FixedRouter, FixedRouterConfig
+from .poly import MHRRouterConfig, PolyRouter, PolyRouterConfig
 from .topk import TopKRouter, TopKRouterConfig
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "DenseRouterConfig",
     "FixedRouter",
     "FixedRouterConfig",
+    "MHRRouterConfig",
+    "PolyRouter",
+    "PolyRouterConfig",
     "Router",
     "RouterConfig",
     "TopKRouter",

@@ -1,0 +1,166 @@
+"""Task-routed mixtures in the recipes: which task id a task name gets, and few-shot starts.
+
+Task routers (``poly``, ``mhr``) keep one routing row per task and save the task NAMES with the
+mixture (``router.tasks``). The finetune recipe fills them from the training data (sorted names);
+task ids then follow the router's rows, here and in ``lomix eval``, so a reloaded mixture routes
+each task name to the row it was trained with.
+
+Few-shot adaptation starts from a finished run (the ``fewshot`` section, METHODS.md section 1):
+
+- ``mhr_z``: the run's experts and routing, a fresh routing row for each new task; only the routing
+  rows of this run's tasks train (Poly-z / MHR-z).
+- ``mhr_mu``: the mean of the skills as one LoRA per layer (uniform routing), fine-tuned.
+- ``continue``: plain continued training of everything (experts and routers); new tasks get fresh rows.
+
+    lomix train recipes/configs/mhr_multitask.yaml output_dir=runs/mhr
+    lomix train recipes/configs/mhr_fewshot.yaml fewshot.init_from=runs/mhr fewshot.method=mhr_mu
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from lomix.errors import ConfigError
+
+if TYPE_CHECKING:  # the recipe config imports this module's dataclass
+    from torch import nn
+
+    from lomix.recipes.config import FinetuneConfig
+    from lomix.recipes.data import TaskSet
+
+METHODS = ("mhr_z", "mhr_mu", "continue")
+
+
+@dataclass
+class FewshotConfig:
+    """Start from a trained mixture instead of a fresh one (few-shot adaptation to new tasks)."""
+
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a finished run folder (its mixture/) or a lomix mixture folder to start from; null: a fresh "
+            "mixture. When set, the mixture and router sections come from that mixture (yours are ignored)"
+        },
+    )
+    method: Literal["mhr_z", "mhr_mu", "continue"] = field(
+        default="mhr_z",
+        metadata={
+            "help": "mhr_z: fresh routing rows for new tasks, only they train (needs a poly/mhr mixture); mhr_mu: the "
+            "mean of the skills as one LoRA, fine-tuned; continue: train everything further"
+        },
+    )
+
+
+def source_mixture(cfg: FewshotConfig) -> Path:
+    """The mixture folder ``fewshot.init_from`` names (a run folder's ``mixture/`` or the folder itself)."""
+    from lomix import CONFIG_NAME
+
+    path = Path(cfg.init_from)
+    for folder in (path / "mixture", path):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    raise ConfigError(
+        "fewshot.init_from",
+        f"{path} holds no lomix mixture (neither {path / 'mixture' / CONFIG_NAME} nor {path / CONFIG_NAME}); "
+        "give a finished run folder or a mixture folder",
+    )
+
+
+def _task_router(router) -> bool:
+    from lomix.routers import PolyRouterConfig
+
+    return isinstance(router, PolyRouterConfig)
+
+
+def _with_names(tasks: TaskSet, names: list[str]) -> TaskSet:
+    from lomix.recipes.data import TaskSet
+
+    return TaskSet(list(names), {n: tasks.descriptions.get(n, n) for n in names})
+
+
+def resolve_tasks(cfg: FinetuneConfig, tasks: TaskSet) -> TaskSet:
+    """The run's task ids: for a task router, its rows in order; fills ``router.tasks`` of a fresh one.
+
+    ``tasks`` holds the training data's tasks. A fresh poly/mhr router with no ``tasks`` gets
+    them; one that lists tasks must list every training task. A few-shot start keeps its
+    mixture's tasks in place and appends the new ones.
+    """
+    if cfg.fewshot.init_from is not None:
+        from lomix.checkpoint import read_config
+
+        source = read_config(source_mixture(cfg.fewshot))
+        if cfg.fewshot.method == "mhr_mu" or not _task_router(source.router):
+            if cfg.fewshot.method == "mhr_z":
+                raise ConfigError(
+                    "fewshot.method",
+                    f"mhr_z trains task routing rows, but the mixture in {cfg.fewshot.init_from} has a "
+                    f"{source.router.name!r} router; use mhr_mu or continue, or start from a poly/mhr run",
+                )
+            return tasks
+        known = list(source.router.tasks)
+        if source.router.n_tasks and not known:
+            raise ConfigError(
+                "fewshot.init_from", f"the {source.router.name} router in {cfg.fewshot.init_from} has unnamed task rows"
+            )
+        return _with_names(tasks, known + [n for n in tasks.names if n not in known])
+    router = cfg.mixture.router
+    if not _task_router(router):
+        return tasks
+    if router.tasks:
+        missing = [n for n in tasks.names if n not in router.tasks]
+        if missing:
+            raise ConfigError(
+                "router.tasks",
+                f"lacks the training tasks {', '.join(missing)}; it lists {', '.join(router.tasks)}. Leave it "
+                "empty to take the tasks from the data",
+            )
+        return _with_names(tasks, router.tasks)
+    if router.n_tasks not in (0, len(tasks.names)):
+        raise ConfigError(
+            "router.n_tasks",
+            f"is {router.n_tasks}, but the training data has {len(tasks.names)} tasks ({', '.join(tasks.names)}); "
+            "leave it 0 to take the tasks from the data",
+        )
+    _set_mixture(cfg, dataclasses.replace(cfg.mixture, router=dataclasses.replace(router, tasks=list(tasks.names))))
+    return tasks
+
+
+def _set_mixture(cfg: FinetuneConfig, mixture) -> None:
+    cfg.mixture = mixture
+    cfg.router = mixture.router
+
+
+def build_mixture(model: nn.Module, cfg: FinetuneConfig, tasks: TaskSet, data_tasks: list[str]) -> None:
+    """Inject ``cfg.mixture``, or set up the few-shot start; ``cfg.mixture`` then says what was built.
+
+    ``tasks`` is `resolve_tasks`'s result, ``data_tasks`` the task names of the training data.
+    """
+    import lomix
+
+    if cfg.fewshot.init_from is None:
+        lomix.inject(model, cfg.mixture)
+        return
+    lomix.load(model, source_mixture(cfg.fewshot), trainable=True)
+    method = cfg.fewshot.method
+    if method == "mhr_mu":
+        lomix.average_skills(model)
+    elif _task_router(model.lomix_state.config.router):
+        lomix.add_tasks(model, tasks.names)
+        if method == "mhr_z":
+            lomix.train_only_task_rows(model, [tasks.id(n) for n in data_tasks])
+    _set_mixture(cfg, model.lomix_state.config)
+
+
+def mixture_task_set(model: nn.Module, tasks: TaskSet) -> TaskSet:
+    """Task ids for evaluating a loaded mixture: its task router's rows when it names them."""
+    state = getattr(model, "lomix_state", None)
+    router = state.config.router if state is not None else None
+    if router is None or not _task_router(router) or not router.tasks:
+        return tasks
+    return _with_names(tasks, router.tasks)
+
+
+__all__ = ["METHODS", "FewshotConfig", "build_mixture", "mixture_task_set", "resolve_tasks", "source_mixture"]
