@@ -83,6 +83,9 @@ class MixtureConfig:
         if self.kernel not in BACKENDS:
             raise ConfigError("kernel", f"must be one of {', '.join(BACKENDS)}, got {self.kernel!r}")
         self.router.validate(self.num_experts)
+        check = getattr(self.router, "validate_mixture", None)
+        if check is not None:  # rules that involve other mixture fields (remix: no balance loss)
+            check(self)
 
     @property
     def scale(self) -> float:

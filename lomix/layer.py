@@ -86,6 +86,9 @@ class MixtureLinear(nn.Module):
         check = getattr(self.router, "check_layer", None)
         if check is not None:
             check(name, self.d_in, self.d_out)
+        bind = getattr(self.router, "bind_mixture", None)
+        if bind is not None:  # routers whose gates depend on the rank or scale (remix's omega)
+            bind(config)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale
         self.kernel = config.kernel

@@ -12,6 +12,7 @@ from .base import (
 )
 from .dense import DenseRouter, DenseRouterConfig
 from .fixed import FixedRouter, FixedRouterConfig
+from .remix import RemixRouter, RemixRouterConfig
 from .topk import TopKRouter, TopKRouterConfig
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "DenseRouterConfig",
     "FixedRouter",
     "FixedRouterConfig",
+    "RemixRouter",
+    "RemixRouterConfig",
     "Router",
     "RouterConfig",
     "TopKRouter",
