@@ -14,7 +14,7 @@ OUT=${OUT:-runs/remix-compare}
 if [ "${SCALE:-reduced}" = full ]; then
   COMMON=()
 else
-  COMMON=(data.bigbench.test_per_task=20 train.max_steps=32 train.batch_size=4 train.warmup_steps=3
+  COMMON=(data.bigbench.test_per_task=15 train.max_steps=24 train.batch_size=4 train.warmup_steps=3
           train.log_every=4 train.save_every=0)
 fi
 COMMON+=(train.progress=false)
