@@ -9,6 +9,7 @@ model = lomix.load(base_model, "run/mixture")
 
 __version__ = "0.1.0"
 
+from . import rloo
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load, save
 from .config import BalanceConfig, MixtureConfig
 from .errors import (
@@ -81,6 +82,7 @@ __all__ = [
     "mixture_parameters",
     "parameter_groups",
     "register_router",
+    "rloo",
     "router_config",
     "router_z_loss",
     "routing_context",

@@ -95,6 +95,9 @@ class MixtureConfig:
         self.router.validate(self.num_experts)
         if self.merged is not None:
             self.merged.validate(self.num_experts)
+        check = getattr(self.router, "validate_mixture", None)
+        if check is not None:  # rules that involve other mixture fields (remix: no balance loss)
+            check(self)
 
     @property
     def scale(self) -> float:

@@ -103,6 +103,9 @@ class MixtureLinear(nn.Module):
         init_experts = getattr(self.router, "init_experts", None)  # a router's own expert init (Poly/MHR)
         if init_experts is not None:
             init_experts(self.experts)
+        bind = getattr(self.router, "bind_mixture", None)
+        if bind is not None:  # routers whose gates depend on the rank or scale (remix's omega)
+            bind(config)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale
         self.kernel = config.kernel

@@ -25,7 +25,10 @@ class TokenRouting:
         gates:    (N, k) float, the weight of each selected expert (differentiable).
         probs:    (N, E) float32 or None, the router's full distribution when it has one.
         logits:   (N, E) float32 or None, the router's logits (z-loss, MC-SMoE statistics).
-        log_prob: (N,) float32 or None, log-probability of a sampled selection (RL estimators).
+        log_prob: (N,) float32 or None, log-probability of a sampled selection (RL estimators). A
+                  selection shared by several tokens (one per sequence) is split over its tokens,
+                  so that summing a sequence's tokens gives the log-probability of its selections
+                  once (`lomix.rloo.selection_log_prob`).
         aux:      named auxiliary tensors (statistics or extra losses) the router wants reported.
     """
 

@@ -5,7 +5,8 @@ that say whether routing is healthy and that MC-SMoE merging needs:
 
 - load: how often each expert is selected (fraction of tokens whose selection includes it);
 - mean router probability per expert, router entropy and the effective support of the gates,
-  ||g||_1^2 / ||g||_2^2 per token (k for equal gates, 1 when one expert takes all);
+  ||g||_1^2 / ||g||_2^2 per token (k for equal gates, 1 when one expert takes all), and the same
+  figure of the full router distribution (``prob_support``: how many experts the router spreads over);
 - the router-logit Gram matrix H^T H and column sums, from which the cosine similarity of any two
   experts' logit columns over all tokens follows exactly, without keeping H.
 
@@ -54,6 +55,7 @@ class LayerStats:
     prob_sum: torch.Tensor | None = None  # (E,) summed router probabilities
     entropy_sum: float = 0.0
     support_sum: float = 0.0
+    prob_support_sum: float = 0.0  # effective support of the full router distribution
     logit_gram: torch.Tensor | None = None  # (E, E) H^T H
     logit_sum: torch.Tensor | None = None  # (E,)
     has_probs: bool = False
@@ -89,6 +91,7 @@ class LayerStats:
                 0
             ).cpu()
             self.entropy_sum += entropy(probs).sum().item()
+            self.prob_support_sum += effective_support(probs).sum().item()
         if logits is not None:
             self.has_logits = True
             h = logits.double()
@@ -139,6 +142,7 @@ class LayerStats:
         if self.has_probs:
             out["mean_prob"] = self.mean_prob.tolist()
             out["entropy"] = self.entropy_sum / max(self.tokens, 1)
+            out["prob_support"] = self.prob_support_sum / max(self.tokens, 1)
         if self.mixing_sum is not None:
             out["mean_mixing"] = (self.mixing_sum / max(self.sequences, 1)).tolist()
             out["sequences"] = self.sequences
@@ -146,10 +150,15 @@ class LayerStats:
 
 
 class RoutingStats:
-    """Accumulate routing statistics of every mixture layer while active (a context manager)."""
+    """Accumulate routing statistics of every mixture layer while active (a context manager).
 
-    def __init__(self, model: nn.Module):
+    With ``training_only`` only forwards of layers in training mode count (a training loop that
+    also runs held-out evaluations); `reset` starts new sums (one window of a training log).
+    """
+
+    def __init__(self, model: nn.Module, training_only: bool = False):
         self.model = model
+        self.training_only = training_only
         self.layers: dict[str, LayerStats] = {}
         self._hooks: list = []
         self._recording: dict[str, bool] = {}
@@ -171,8 +180,14 @@ class RoutingStats:
             layer.record_routing = self._recording.get(name, False)
             layer.last_routing = None
 
+    def reset(self) -> None:
+        """Forget what was gathered so far (the layers stay hooked)."""
+        self.layers = {name: LayerStats(stats.num_experts) for name, stats in self.layers.items()}
+
     def _hook(self, name: str):
         def hook(module: MixtureLinear, args, output) -> None:
+            if self.training_only and not module.training:
+                return
             routing = module.last_routing
             if isinstance(routing, TokenRouting):
                 context: RoutingContext = module._context.get()

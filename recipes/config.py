@@ -21,6 +21,7 @@ import yaml
 from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
 from lomix.recipes.fewshot import FewshotConfig
+from lomix.rloo import check_samples
 from lomix.routers import RouterConfig, available_routers, router_class
 from lomix.typed import _type_name, field_docs, from_dict, to_dict
 
@@ -263,6 +264,13 @@ class TrainConfig:
         metadata={"help": "accelerate trackers to log to, e.g. [tensorboard] (written under output_dir/logs)"},
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar with loss, LR and tokens/s"})
+    routing_stats: bool = field(
+        default=True,
+        metadata={
+            "help": "add each layer's routing statistics (lomix.stats: effective support of the gates, router "
+            "entropy, expert load) over the training steps since the last record to every log record (main process)"
+        },
+    )
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
@@ -313,7 +321,10 @@ class EvalConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "generation budget of generative tasks"})
     reuse_prompt_cache: bool = field(
         default=True,
-        metadata={"help": "score the choices from the prompt's KV cache (one prompt pass per example)"},
+        metadata={
+            "help": "score the choices from the prompt's KV cache (one prompt pass per example); routers that route "
+            "whole sequences (remix, granularity=sequence) always score full sequences"
+        },
     )
     batch_size: int = field(
         default=8, metadata={"help": "examples per batch when scoring choices and computing the held-out loss"}
@@ -325,6 +336,22 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RlooConfig:
+    """RLOO training of routers that sample their selection (remix; METHODS.md section 3)."""
+
+    samples: int = field(
+        default=4,
+        metadata={
+            "help": "M >= 2 selections per example, run as the batch replicated M times in one forward; the "
+            "experts train on the mean loss, the router on the RLOO estimate"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_samples(self.samples, "rloo.samples")
 
 
 @dataclass
@@ -346,6 +373,9 @@ class FinetuneConfig:
     fewshot: FewshotConfig = field(
         default_factory=FewshotConfig,
         metadata={"help": "few-shot adaptation: start from a trained mixture (MHR-z, MHR-mu, continued training)"},
+    )
+    rloo: RlooConfig = field(
+        default_factory=RlooConfig, metadata={"help": "the RLOO estimator (used by routers that sample: remix)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, dropout and routing noise"})
     output_dir: str = field(default="runs/lomix", metadata={"help": "run folder: config, logs, checkpoints, mixture"})
@@ -513,6 +543,7 @@ __all__ = [
     "FewshotConfig",
     "FinetuneConfig",
     "ModelConfig",
+    "RlooConfig",
     "TrainConfig",
     "apply_overrides",
     "build_config",

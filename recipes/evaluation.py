@@ -74,6 +74,13 @@ def _routing(model: torch.nn.Module, task_id: int, description: str):
     return lomix.routing_context(model, task_ids=[task_id], task_descriptions=[description])
 
 
+def whole_sequences(model: torch.nn.Module) -> bool:
+    """True when a router of the model routes on whole sequences (remix, granularity=sequence): a
+    KV-cached continuation would route its new tokens alone, so such models score and generate
+    without a cache."""
+    return any(getattr(layer.router.config, "needs_whole_sequences", False) for _, layer in lomix.mixture_layers(model))
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
     # transformers 5.24 renamed past_key_values to cache; accept both generations of the API.
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
@@ -185,6 +192,7 @@ def generate_answer(
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=not whole_sequences(model),
             pad_token_id=tok.pad_token_id,
             eos_token_id=stop or None,
         )
@@ -208,10 +216,11 @@ def predict(
     """One record per example (in order): task, kind, prediction and reference."""
     records: list[dict[str, Any] | None] = [None] * len(examples)
     choice = [i for i, e in enumerate(examples) if e.is_multiple_choice]
+    reuse_cache = cfg.reuse_prompt_cache and not whole_sequences(model)
     for start in range(0, len(choice), cfg.batch_size):
         batch = choice[start : start + cfg.batch_size]
         items = [(examples[i], tasks.id(examples[i].task), tasks.descriptions[examples[i].task]) for i in batch]
-        for i, scores in zip(batch, score_batch(model, formatter, items, cfg.reuse_prompt_cache), strict=True):
+        for i, scores in zip(batch, score_batch(model, formatter, items, reuse_cache), strict=True):
             example = examples[i]
             records[i] = {
                 "task": example.task,

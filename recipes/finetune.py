@@ -12,6 +12,11 @@ Loss: cross-entropy on the answer tokens only (the prompt is masked), normalised
 answer tokens in the whole global batch (all micro-batches of all processes), so one process with
 batch B x accumulation A computes the same update as P processes with batch B x A / P.
 
+Routers that sample their selection (remix) train by RLOO: each micro-batch runs replicated
+``rloo.samples`` (M) times in one forward; the experts get the mean of the M losses, the router the
+RLOO surrogate of the per-example losses (`rloo_loss`). Log records carry each layer's routing
+statistics (``train.routing_stats``).
+
 Checkpoints (``output_dir/checkpoints/step-NNNNNN``) are written atomically: a folder appears only
 once complete, so a run killed while saving leaves the previous checkpoint intact. A checkpoint
 holds the mixture (lomix format, safetensors), accelerate's optimizer, scheduler and RNG states,
@@ -37,6 +42,7 @@ import torch
 from torch.nn import functional as F
 
 import lomix
+import lomix.rloo
 from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError
@@ -44,6 +50,7 @@ from lomix.quant import prepare_kbit_training
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
 from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
 from lomix.recipes.fewshot import build_mixture, resolve_tasks
+from lomix.stats import RoutingStats
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -86,6 +93,45 @@ def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def answer_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(rows,) summed next-token cross-entropy over each row's answer tokens."""
+    return F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    ).sum(1)
+
+
+def rloo_loss(model: torch.nn.Module, batch: dict[str, Any], samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer loss, RLOO surrogate) of a micro-batch run with ``samples`` selections per example.
+
+    The batch is replicated ``samples`` times in ONE forward. The answer loss is the mean over the
+    selections of the summed answer-token loss (what the experts train on, comparable with
+    `answer_loss_sum`); the surrogate's gradient is the RLOO estimate of the router gradient of the
+    same summed loss, with each example's loss under each selection as the reward (lomix.rloo).
+    """
+    rows = batch["input_ids"].shape[0] * samples
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    with lomix.rloo.recording(inner):
+        per_row = answer_loss_rows(*forward(model, lomix.rloo.replicate(batch, samples)))
+        log_q = lomix.rloo.selection_log_prob(inner, rows)
+    return per_row.sum() / samples, lomix.rloo.rloo_surrogate(per_row, log_q, samples)
+
+
+def routing_record(stats: RoutingStats) -> dict[str, Any]:
+    """Mean effective support, entropy and router-distribution support over layers, and per layer
+    those plus the expert load, from the routing statistics gathered since the last record."""
+    layers = {}
+    for name, summary in stats.summary().items():
+        keep = ("effective_support", "entropy", "prob_support", "load")
+        layers[name] = {k: summary[k] for k in keep if k in summary}
+    record: dict[str, Any] = {}
+    for key in ("effective_support", "entropy", "prob_support"):
+        values = [v[key] for v in layers.values() if key in v]
+        if values:
+            record[f"routing_{key}"] = sum(values) / len(values)
+    record["routing"] = layers
+    return record
 
 
 def answer_tokens(batch: dict[str, Any]) -> int:
@@ -419,6 +465,10 @@ def train(run: Run) -> list[dict[str, Any]]:
         dynamic_ncols=True,
     )
     window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
+    samples = run.cfg.rloo.samples if getattr(run.cfg.router, "estimator", None) == "rloo" else None
+    # Hooks on the layers; closed after the loop (gradient checkpointing records each routing twice,
+    # identically, which leaves the logged means unchanged).
+    stats = RoutingStats(run.unwrapped, training_only=True).__enter__() if cfg.routing_stats else None
     while state.step < cfg.max_steps:
         start = time.perf_counter()
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)}  # this step's
@@ -434,11 +484,14 @@ def train(run: Run) -> list[dict[str, Any]]:
         grad_norm = None
         for batch in group:
             with accelerator.accumulate(model):
-                token_sum = answer_loss_sum(*forward(model, batch))
+                if samples:
+                    token_sum, surrogate = rloo_loss(model, batch, samples)
+                else:
+                    token_sum, surrogate = answer_loss_sum(*forward(model, batch)), 0.0
                 aux = lomix.aux_loss(model)
                 # accelerate divides by grad_accum, DDP averages over processes: undo both so that the
                 # update is d(sum of answer-token losses of the global batch) / (its answer tokens).
-                loss = token_sum * (world * cfg.grad_accum / total_answer) + aux
+                loss = (token_sum + surrogate) * (world * cfg.grad_accum / total_answer) + aux
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if cfg.max_grad_norm > 0:
@@ -471,6 +524,9 @@ def train(run: Run) -> list[dict[str, Any]]:
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
             }
+            if stats is not None:
+                record.update(routing_record(stats))
+                stats.reset()
             log(run, record, bar)
             records.append(record)
             window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
@@ -481,18 +537,36 @@ def train(run: Run) -> list[dict[str, Any]]:
         if cfg.save_every and state.step % cfg.save_every == 0:
             save_checkpoint(run)
     bar.close()
+    if stats is not None:
+        stats.__exit__(None, None, None)
     return records
 
 
 def log(run: Run, record: dict[str, Any], bar=None) -> None:
     if run.cfg.train.trackers:
-        run.accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
+        scalars = flat_scalars({k: v for k, v in record.items() if k != "step"})
+        run.accelerator.log(scalars, step=record["step"])
     if not run.accelerator.is_main_process:
         return
     with open(run.out / "log.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")
-    text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if v is not None)
+    shown = {k: v for k, v in record.items() if v is not None and not isinstance(v, (dict, list))}
+    text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
     (bar.write if bar is not None and not bar.disable else print)(text, file=sys.stdout)
+
+
+def flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested dicts and lists as ``a/b/0`` keys (trackers take scalars only); None is left out."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_scalars(value, name + "/"))
+        elif isinstance(value, (list, tuple)):
+            flat.update(flat_scalars({str(i): v for i, v in enumerate(value)}, name + "/"))
+        elif value is not None:
+            flat[name] = value
+    return flat
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from .base import (
 from .dense import DenseRouter, DenseRouterConfig
 from .fixed import FixedRouter, FixedRouterConfig
 from .poly import MHRRouterConfig, PolyRouter, PolyRouterConfig
+from .remix import RemixRouter, RemixRouterConfig
 from .topk import TopKRouter, TopKRouterConfig
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "MHRRouterConfig",
     "PolyRouter",
     "PolyRouterConfig",
+    "RemixRouter",
+    "RemixRouterConfig",
     "Router",
     "RouterConfig",
     "TopKRouter",

@@ -41,6 +41,10 @@ class Router(nn.Module):
     Subclasses implement ``forward(x, context) -> TokenRouting | ParameterMixing``, where x is the
     layer input of shape (..., d_in) (the leading dims are (batch, seq) for transformers) and
     context the batch's `RoutingContext`.
+
+    Optional hooks the layer calls when present: ``check_layer(name, d_in, d_out)`` (refuse a layer)
+    and ``bind_mixture(mixture_config)`` (gates that depend on the rank or the LoRA scale, remix);
+    a config may define ``validate_mixture(mixture_config)``, which `MixtureConfig` calls.
     """
 
     name: ClassVar[str] = ""
