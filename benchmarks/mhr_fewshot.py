@@ -2,7 +2,7 @@
 
     python benchmarks/mhr_fewshot.py                         # the full measurement (3 seeds; hours on a CPU)
     python benchmarks/mhr_fewshot.py --seeds 0 --multitask-steps 32 --fewshot-steps 12 \\
-        --held-out date_understanding                        # the reduced run reported in issue 5
+        --held-out date_understanding --fewshot-methods lora-ft poly-z mhr-z mhr-mu   # the reduced run of issue 5
 
 Multi-task training (recipes/configs/mhr_multitask.yaml: SmolLM2-135M-Instruct, 4 held-in
 BIG-bench tasks, all 7 projections) of three mixtures with the same adapter parameters:
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held-out", nargs="+", default=None, help="held-out tasks (default: mhr_fewshot.yaml's)")
     parser.add_argument("--test-per-task", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--fewshot-methods", nargs="+", default=list(FEWSHOT), choices=list(FEWSHOT), help="few-shot methods to run"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     held_out = [f"data.bigbench.tasks=[{', '.join(args.held_out)}]"] if args.held_out else []
 
     held_in: dict[str, list] = {m: [] for m in MULTITASK}
-    fewshot: dict[int, dict[str, list]] = {k: {m: [] for m in FEWSHOT} for k in args.shots}
+    fewshot: dict[int, dict[str, list]] = {k: {m: [] for m in args.fewshot_methods} for k in args.shots}
     base_in = base_out = None
     params: dict[str, dict[str, int]] = {}
     for seed in args.seeds:
@@ -143,9 +146,10 @@ def main(argv: list[str] | None = None) -> None:
             if first and (run / "eval_base.json").is_file():
                 base_in = json.loads((run / "eval_base.json").read_text())
         for shots in args.shots:
-            for method, (source, how) in FEWSHOT.items():
+            for method in args.fewshot_methods:
+                source, how = FEWSHOT[method]
                 run = out / f"fewshot{shots}-{method}-s{seed}"
-                first = seed == args.seeds[0] and shots == args.shots[0] and method == "lora-ft"
+                first = seed == args.seeds[0] and shots == args.shots[0] and method == args.fewshot_methods[0]
                 extra = [
                     f"seed={seed}",
                     f"fewshot.init_from={out / f'multitask-{source}-s{seed}'}",
