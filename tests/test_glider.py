@@ -32,7 +32,7 @@ def reference_layer_norm(v: torch.Tensor) -> torch.Tensor:
     return (v - mean) / torch.sqrt(var + 1e-5)
 
 
-def reference_routing(x, gate_vectors, global_scores, alpha, k, present=None):
+def reference_routing(x, gate_vectors, global_scores, alpha, k):
     """METHODS.md section 4 as written, per token, in float64, with Python loops."""
     d_in = x.shape[-1]
     xs, vs = reference_layer_norm(x), reference_layer_norm(gate_vectors)
@@ -41,8 +41,6 @@ def reference_routing(x, gate_vectors, global_scores, alpha, k, present=None):
         logits = []
         for e in range(gate_vectors.shape[0]):
             local = float((xs[t] @ vs[e]).detach()) / math.sqrt(d_in)
-            if present is not None and not present[e]:
-                local = -math.inf
             logits.append(local + (alpha * float(global_scores[e]) if global_scores is not None else 0.0))
         top = max(logits)
         exp = [math.exp(v - top) for v in logits]
@@ -141,6 +139,8 @@ def test_task_embeddings_route_like_descriptions_and_missing_tasks_fail_clearly(
 def test_config_errors_name_the_field():
     with pytest.raises(lomix.ConfigError, match=r"router.descriptions"):
         lomix.MixtureConfig(num_experts=3, router=GliderRouterConfig(descriptions=["a", "b"]))
+    with pytest.raises(lomix.ConfigError, match=r"router.descriptions.*library"):
+        lomix.inject(MODEL_CASES["llama"].build(), lomix.MixtureConfig(router=GliderRouterConfig()))
     with pytest.raises(lomix.ConfigError, match=r"router.alpha"):
         lomix.MixtureConfig(router=lomix.router_config("glider", alpha=-1.0, descriptions=["a"] * 8))
     with pytest.raises(lomix.ConfigError, match=r"router.k"):
@@ -246,16 +246,16 @@ def test_library_round_trip_and_glider_mixture_equals_the_reference(tmp_path):
         gates = torch.stack(
             [
                 dict(lomix.mixture_layers(singles[e]))[name].router.gate_vectors[0] if p else zero
-                for e, p in zip(names, present)
+                for e, p in zip(names, present, strict=True)
             ]
         )
-        route = reference_routing(x, gates, scores, 3.0, 2, present)
+        route = reference_routing(x, gates, scores, 3.0, 2)
         with lomix.routing_context(glider, task_descriptions=[query]):
             got = layer(x[None])[0]
         expected = layer.base_layer(x).double()
         for t, row in enumerate(route):
             for e, g in row:
-                if g == 0.0:  # an absent expert (probability 0) filling the k slots
+                if not present[e]:  # a zero expert where the expert does not adapt the module
                     continue
                 single = dict(lomix.mixture_layers(singles[names[e]]))[name]
                 delta = single.scale * (single.experts.B[0] @ single.experts.A[0] @ x[t])

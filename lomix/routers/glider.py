@@ -14,8 +14,10 @@ per (embedding model, library, query description) and cached process-wide
 (already embedded with the library's embedding model) or ``task_descriptions`` (embedded here,
 once per text, by `lomix.embedding`).
 
-An expert that does not adapt a module (a third-party LoRA over fewer modules) is marked absent
-there and never routed to: its local logit is -inf.
+An expert that does not adapt a module (a third-party LoRA over fewer modules) is a zero expert
+there, exactly like the adapter itself (as in `lomix.hub.load_peft_experts`): its gate vector is
+zero (local logit 0), it competes by its global score, and choosing it adds nothing. So a very
+large alpha with k = 1 reproduces the single most similar expert in every module.
 """
 
 from __future__ import annotations
@@ -94,7 +96,11 @@ class GliderRouterConfig(RouterConfig):
         default_factory=list, metadata={"help": "the library's expert names, one per expert, in bank order"}
     )
     descriptions: list[str] = field(
-        default_factory=list, metadata={"help": "each expert's task description, embedded for the global score"}
+        default_factory=list,
+        metadata={
+            "help": "each expert's task description, embedded for the global score; empty in a recipe config "
+            "(filled from the library when the mixture is assembled)"
+        },
     )
     embedding_model: str = field(
         default=DEFAULT_EMBEDDING_MODEL,
@@ -116,7 +122,7 @@ class GliderRouterConfig(RouterConfig):
             raise ConfigError("router.k", f"must be between 1 and num_experts={num_experts}, got {self.k}")
         if self.alpha < 0 or not math.isfinite(self.alpha):
             raise ConfigError("router.alpha", f"must be a finite number >= 0, got {self.alpha}")
-        if len(self.descriptions) != num_experts:
+        if self.descriptions and len(self.descriptions) != num_experts:
             raise ConfigError(
                 "router.descriptions",
                 f"needs one task description per expert ({num_experts}), got {len(self.descriptions)}; a GLIDER "
@@ -134,10 +140,17 @@ class GliderRouterConfig(RouterConfig):
 @register_router("glider", GliderRouterConfig)
 class GliderRouter(Router):
     """Parameters: ``gate_vectors`` (E, d_in), the PHATGOOSE gates (frozen: GLIDER trains nothing);
-    buffer ``present`` (E,) bool, False where expert e does not adapt this module."""
+    buffer ``present`` (E,) bool, False where expert e does not adapt this module (a zero expert
+    there; statistics such as the share of tokens routed to a task's own expert skip such layers)."""
 
     def __init__(self, config: GliderRouterConfig, d_in: int, num_experts: int):
         super().__init__(config, d_in, num_experts)
+        if len(config.descriptions) != num_experts:
+            raise ConfigError(
+                "router.descriptions",
+                f"needs one task description per expert ({num_experts}), got {len(config.descriptions)}; a GLIDER "
+                "mixture is assembled from an expert library (lomix.library.load_library, lomix glider)",
+            )
         self.gate_vectors = nn.Parameter(torch.zeros(num_experts, d_in), requires_grad=False)
         self.register_buffer("present", torch.ones(num_experts, dtype=torch.bool))
 
@@ -166,7 +179,7 @@ class GliderRouter(Router):
 
     def forward(self, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
         flat = x.reshape(-1, self.d_in)
-        local = local_logits(flat, self.gate_vectors).masked_fill(~self.present, float("-inf"))
+        local = local_logits(flat, self.gate_vectors)
         batch = x.shape[0] if x.dim() > 2 else 1
         scores = self.global_scores(context, batch) if self.config.alpha > 0 else None
         if scores is not None:
