@@ -88,45 +88,50 @@ class SentenceEmbedder:
         self._lock = threading.Lock()
         self.calls = 0  # encoder forward passes, for tests and statistics
 
-    def _pipeline(self, source: str) -> tuple[str, bool, int | None]:
-        """(pooling mode, normalize, max_seq_length) from a sentence-transformers folder; defaults
-        to mean pooling without normalisation for a plain encoder."""
+    @staticmethod
+    def _read(source: str, name: str) -> str | None:
+        """The text of file ``name`` of a model folder or hub id (hub cache when offline), or None."""
         folder = Path(source)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
+        if folder.is_dir():
+            path = folder / name
+            return path.read_text() if path.is_file() else None
+        from transformers.utils import cached_file
 
-            try:
-                folder = Path(snapshot_download(source, allow_patterns=["modules.json", "*/config.json", "*.json"]))
-            except Exception:  # a plain transformers id without a sentence-transformers pipeline
-                return "mean", False, None
+        try:
+            path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            return None
+        return Path(path).read_text() if path else None
+
+    def _pipeline(self, source: str) -> tuple[str, bool, int | None]:
+        """(pooling mode, normalize, max_seq_length) of a sentence-transformers model; a plain encoder
+        without modules.json gets mean pooling without normalisation."""
         pooling, normalize = "mean", False
-        modules_file = folder / "modules.json"
-        if modules_file.is_file():
-            for module in json.loads(modules_file.read_text()):
-                kind = module.get("type", "")
-                if kind.endswith("Pooling"):
-                    config = json.loads((folder / module["path"] / "config.json").read_text())
-                    modes = config.get("pooling_mode") or [m for key, m in _POOLING_KEYS.items() if config.get(key)]
-                    modes = [modes] if isinstance(modes, str) else list(modes)
-                    if len(modes) != 1 or modes[0] not in _POOLING_MODES:
-                        raise ConfigError(
-                            "router.embedding_model",
-                            f"{folder / module['path'] / 'config.json'}: lomix supports one pooling mode of "
-                            f"{', '.join(_POOLING_MODES)}, found {modes or 'none'}",
-                        )
-                    pooling = modes[0]
-                elif kind.endswith("Normalize"):
-                    normalize = True
-                elif not kind.endswith("Transformer"):
+        modules = self._read(source, "modules.json")
+        for module in json.loads(modules) if modules else []:
+            kind = module.get("type", "")
+            if kind.endswith("Pooling"):
+                where = f"{source}/{module['path']}/config.json"
+                config = json.loads(self._read(source, f"{module['path']}/config.json") or "{}")
+                modes = config.get("pooling_mode") or [m for key, m in _POOLING_KEYS.items() if config.get(key)]
+                modes = [modes] if isinstance(modes, str) else list(modes)
+                if len(modes) != 1 or modes[0] not in _POOLING_MODES:
                     raise ConfigError(
                         "router.embedding_model",
-                        f"{modules_file}: module {kind!r} is not supported (lomix runs Transformer, Pooling and "
-                        "Normalize pipelines)",
+                        f"{where}: lomix supports one pooling mode of {', '.join(_POOLING_MODES)}, "
+                        f"found {modes or 'none'}",
                     )
-        max_length = None
-        bert_config = folder / "sentence_bert_config.json"
-        if bert_config.is_file():
-            max_length = json.loads(bert_config.read_text()).get("max_seq_length")
+                pooling = modes[0]
+            elif kind.endswith("Normalize"):
+                normalize = True
+            elif not kind.endswith("Transformer"):
+                raise ConfigError(
+                    "router.embedding_model",
+                    f"{source}/modules.json: module {kind!r} is not supported (lomix runs Transformer, Pooling and "
+                    "Normalize pipelines)",
+                )
+        bert_config = self._read(source, "sentence_bert_config.json")
+        max_length = json.loads(bert_config).get("max_seq_length") if bert_config else None
         return pooling, normalize, max_length
 
     @torch.no_grad()
