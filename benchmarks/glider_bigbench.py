@@ -6,8 +6,8 @@ several alphas, and the share of tokens routed to each held-in task's own expert
     python benchmarks/glider_bigbench.py --out runs/glider-bench-reduced --expert-steps 10 \\
         --expert-lr 3e-3 --gate-steps 10 --train-per-task 40 --test-per-task 6 --batch-size 4 --max-length 128
 
-Steps: (1) `lomix train recipes/configs/glider_expert.yaml` once per task (skipped when the run
-exists); (2) `lomix.recipes.glider.add_run` trains each expert's gates and fills the library;
+Steps: (1) the finetune recipe with recipes/configs/glider_expert.yaml once per task (skipped when
+the run exists); (2) `lomix.recipes.glider.add_run` trains each expert's gates and fills the library;
 (3) in ONE process with the base model loaded once: the base model alone, GLIDER held-in at each
 alpha, and GLIDER held-out (library without the task's expert) at each alpha, on the same test
 examples. Query-task descriptions are the user-written ones below (the same text as the expert's).
@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -38,9 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_experts(args, out: Path) -> dict[str, Path]:
+    """One finetune run per task (recipes/configs/glider_expert.yaml), in this process; existing runs are kept."""
+    from lomix.recipes.config import load_config
+    from lomix.recipes.finetune import run as finetune
     from lomix.recipes.glider import expert_name
 
-    lomix_bin = str(Path(sys.executable).parent / "lomix")
     runs = {}
     for task, description in TASKS.items():
         run = out / "experts" / expert_name(task)
@@ -64,7 +64,7 @@ def train_experts(args, out: Path) -> dict[str, Path]:
             f"output_dir={run}",
         ]
         start = time.perf_counter()
-        subprocess.run([lomix_bin, "train", str(ROOT / "recipes/configs/glider_expert.yaml"), *overrides], check=True)
+        finetune(load_config(ROOT / "recipes/configs/glider_expert.yaml", overrides))
         print(f"expert {task}: {time.perf_counter() - start:.0f} s", flush=True)
     return runs
 

@@ -229,3 +229,37 @@ def test_a_local_lm_writes_descriptions_greedily(library):
                 break
     expected = tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
     assert text == next(line.strip() for line in expected.splitlines() if line.strip())
+
+
+def test_missing_descriptions_come_from_the_library_or_a_local_lm(library):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lomix.recipes.data import load_examples, task_set
+
+    test_all = library.test_all
+    cfg = build_config(
+        recipe_config(
+            library.root, library.model_dir, test_all, test_all,
+            router={"name": "glider"},
+            library={"path": str(library.lib.path), "describe_with": str(library.model_dir), "describe_examples": 2},
+        )
+    )  # fmt: skip
+    train, _ = load_examples(cfg.data)
+    tasks = glider.resolve_descriptions(cfg, task_set(train, cfg.data), train, library.lib)
+    assert tasks.descriptions["parity"] == DESCRIPTIONS["parity"]  # the library's own expert
+    model = AutoModelForCausalLM.from_pretrained(library.model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(library.model_dir)
+    shown = glider.first_examples(train, "echo", 2, cfg.seed)
+    assert tasks.descriptions["echo"] == glider.describe_task(shown, model, tokenizer)  # written by the LM
+
+
+def test_lomix_library_add_from_the_command_line(library, tmp_path):
+    result = lomix_cli("library", "add", tmp_path / "lib", library.runs["color"], "--gate-steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "added color" in result.stdout
+    index = json.loads((tmp_path / "lib" / "library.json").read_text())
+    assert [(e["name"], e["gate_steps"], e["description"]) for e in index["experts"]] == [
+        ("color", 2, DESCRIPTIONS["color"])
+    ]
+    with pytest.raises(lomix.ConfigError, match="already has an expert 'color'"):
+        glider.add_run(Library.open(tmp_path / "lib"), library.runs["color"], LibraryConfig(gate_steps=0))
