@@ -373,7 +373,13 @@ class LibraryConfig:
         default=200,
         metadata={"help": "PHATGOOSE gate-training steps per expert (expert frozen, on its own training data)"},
     )
-    gate_lr: float = field(default=1e-2, metadata={"help": "learning rate of the gate vectors (AdamW, constant)"})
+    gate_lr: float = field(
+        default=1e-2,
+        metadata={
+            "help": "learning rate of the gate vectors (AdamW, constant; our choice: a zero-initialised vector per "
+            "module must move within a few hundred steps)"
+        },
+    )
     describe_with: str | None = field(
         default=None,
         metadata={
