@@ -263,3 +263,18 @@ def test_lomix_library_add_from_the_command_line(library, tmp_path):
     ]
     with pytest.raises(lomix.ConfigError, match="already has an expert 'color'"):
         glider.add_run(Library.open(tmp_path / "lib"), library.runs["color"], LibraryConfig(gate_steps=0))
+
+
+def test_task_descriptions_from_the_command_line():
+    from lomix.recipes.data import TaskSet
+    from lomix.recipes.evaluation import describe_tasks
+
+    tasks = TaskSet(["a"], {"a": "old a"})
+    both = describe_tasks(tasks, ["b=the b task", "x=y is a formula"], ["a", "b"])
+    # "x=y ..." names no test task: the whole text describes every test task, after b's own
+    assert both.names == ["a", "b"] and both.descriptions == {"a": "x=y is a formula", "b": "x=y is a formula"}
+    only_b = describe_tasks(tasks, ["b=the b task"], ["a", "b"])
+    assert only_b.descriptions == {"a": "old a", "b": "the b task"} and only_b.id("b") == 1
+    assert describe_tasks(tasks, [], ["a"]) is tasks
+    with pytest.raises(lomix.ConfigError, match="--task-description"):
+        describe_tasks(tasks, ["b="], ["a", "b"])
