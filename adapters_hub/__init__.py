@@ -13,6 +13,7 @@ It may import ``lomix`` and huggingface_hub; the library never imports it.
 
 from . import errors
 from .card import model_card
+from .library import pull_library
 from .peft_experts import load_peft_experts
 from .pull import Pulled, load, pull
 from .push import PushPlan, PushResult, plan_push, push
@@ -34,5 +35,6 @@ __all__ = [
     "parse_spec",
     "plan_push",
     "pull",
+    "pull_library",
     "push",
 ]

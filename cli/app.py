@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from . import catalog, commands, tools
+from . import catalog, commands, library, tools
 from .hub import hub_app
 
 app = typer.Typer(
@@ -56,7 +56,9 @@ app.command("eval")(commands.evaluate)
 app.command("inspect")(tools.inspect)
 app.command("merge")(tools.merge)
 app.command("export")(tools.export)
+app.command("glider")(library.glider)
 app.add_typer(catalog.app, name="recipes")
+app.add_typer(library.app, name="library")
 app.add_typer(hub_app, name="hub", help="Pull and push PEFT LoRA adapters and lomix mixtures (hub or folders).")
 
 

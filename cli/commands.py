@@ -56,6 +56,12 @@ def evaluate(
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Evaluate this checkpoint's mixture instead of RUN_DIR/mixture."
     ),
+    task_description: list[str] | None = typer.Option(
+        None,
+        "--task-description",
+        help="The task's description for the routers: TEXT for every test task, or TASK=TEXT (repeatable). A "
+        "described test task the run never trained on is evaluated held-out (glider routes by descriptions).",
+    ),
 ) -> None:
     """Evaluate a run on its test data, per task and on average.
 
@@ -67,7 +73,9 @@ def evaluate(
     from lomix.recipes import evaluation
 
     try:
-        evaluation.run(run_dir, overrides or [], base=base, checkpoint=checkpoint)
+        evaluation.run(
+            run_dir, overrides or [], base=base, checkpoint=checkpoint, task_descriptions=task_description or []
+        )
     except LomixError as exc:
         raise fail(exc) from None
 

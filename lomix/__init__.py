@@ -9,7 +9,7 @@ model = lomix.load(base_model, "run/mixture")
 
 __version__ = "0.1.0"
 
-from . import rloo
+from . import embedding, library, rloo
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load, save
 from .config import BalanceConfig, MixtureConfig
 from .errors import (
@@ -73,8 +73,10 @@ __all__ = [
     "average_skills",
     "count_parameters",
     "eject",
+    "embedding",
     "find_targets",
     "inject",
+    "library",
     "load",
     "mixture_layers",
     "mixture_lora",

