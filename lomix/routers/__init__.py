@@ -12,6 +12,7 @@ from .base import (
 )
 from .dense import DenseRouter, DenseRouterConfig
 from .fixed import FixedRouter, FixedRouterConfig
+from .loramixer import LoRAMixerRouter, LoRAMixerRouterConfig
 from .poly import MHRRouterConfig, PolyRouter, PolyRouterConfig
 from .remix import RemixRouter, RemixRouterConfig
 from .topk import TopKRouter, TopKRouterConfig
@@ -21,6 +22,8 @@ __all__ = [
     "DenseRouterConfig",
     "FixedRouter",
     "FixedRouterConfig",
+    "LoRAMixerRouter",
+    "LoRAMixerRouterConfig",
     "MHRRouterConfig",
     "PolyRouter",
     "PolyRouterConfig",
