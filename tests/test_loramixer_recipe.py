@@ -117,7 +117,7 @@ def test_the_hard_stage_needs_an_expert_per_task(assets, tmp_path, fresh_state):
         recipe.run(build_config(data))
 
 
-def test_plug_and_play_through_the_cli(assets, tmp_path):
+def test_plug_and_play_through_the_cli(assets, tmp_path, fresh_state):
     from hubdata import save_peft_adapter
     from transformers import AutoModelForCausalLM
 
@@ -127,7 +127,13 @@ def test_plug_and_play_through_the_cli(assets, tmp_path):
     folders = [
         str(save_peft_adapter(base, tmp_path / f"peft{j}", seed=j, lora_alpha=8, **kw)) for j, kw in enumerate(shapes)
     ]
-    data = config_dict(assets, tmp_path / "pnp", mixture={**MIXTURE, "num_experts": 2}, loramixer={"soft_steps": 2})
+    data = config_dict(
+        assets,
+        tmp_path / "pnp",
+        mixture={**MIXTURE, "num_experts": 2},
+        loramixer={"soft_steps": 2},
+        eval={"max_examples_per_task": 1, "before_training": False},
+    )
     data["router"] = {**ROUTER, "k": 1}
     config = write_config(tmp_path / "pnp.yaml", data)
     result = subprocess.run(
@@ -144,15 +150,7 @@ def test_plug_and_play_through_the_cli(assets, tmp_path):
     assert set(saved) == set(reference) and all(torch.equal(saved[k], reference[k]) for k in reference)
     assert json.loads((out / "loramixer.json").read_text())["soft"]["after"] is not None
 
-    bad = subprocess.run(
-        [
-            LOMIX,
-            "loramixer",
-            str(config),
-            f"loramixer.adapters=[{tmp_path / 'missing'}]",
-            "output_dir=" + str(out / "x"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "missing" in bad.stderr
+    with pytest.raises(lomix.LomixError, match="missing"):
+        recipe.run(
+            build_config({**data, "loramixer": {"adapters": [str(tmp_path / "missing")]}, "output_dir": str(out / "x")})
+        )
