@@ -10,6 +10,7 @@
 2. soft (``output_dir/soft``): the hard stage's experts, now frozen (``loramixer.soft_trains_experts``
    trains them too), and the router trained with dense softmax fusion (or the straight-through
    top-k, ``router.straight_through``) plus the specialization balance loss (``router.sbl_*``).
+   ``loramixer.init_from`` starts here from an earlier run's hard stage.
 3. inference: the soft stage's saved mixture (``output_dir/soft/mixture``) routes with sparse top-K
    (``router.k``, 3) in eval mode; the soft stage's final evaluation, and ``lomix eval``, use it.
 
@@ -52,6 +53,13 @@ class LoramixerConfig:
     hard_steps: int | None = field(
         default=None, metadata={"help": "optimizer steps of the hard (label-routed) stage; null: train.max_steps"}
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a finished hard stage (its run folder or mixture folder): skip the hard stage and start the "
+            "soft stage from its experts (e.g. several soft-stage settings from one hard stage)"
+        },
+    )
     soft_steps: int | None = field(
         default=None, metadata={"help": "optimizer steps of the soft (router) stage; null: train.max_steps"}
     )
@@ -73,6 +81,25 @@ class LoramixerConfig:
                 raise ConfigError(f"loramixer.{name}", f"must be >= 1 or null, got {value}")
         if any(not isinstance(a, str) or not a for a in self.adapters):
             raise ConfigError("loramixer.adapters", f"must be a list of folders or hub ids, got {self.adapters!r}")
+        if self.adapters and self.init_from:
+            raise ConfigError("loramixer.init_from", "give either adapters (plug-and-play) or init_from, not both")
+
+
+def hard_mixture(path: str | Path) -> Path:
+    """The mixture folder of a finished hard stage (``loramixer.init_from``), checked to be one."""
+    from lomix import CONFIG_NAME
+    from lomix.checkpoint import read_config
+
+    path = Path(path)
+    folder = next((f for f in (path / "mixture", path) if (f / CONFIG_NAME).is_file()), None)
+    if folder is None:
+        raise ConfigError(
+            "loramixer.init_from", f"{path} holds no lomix mixture (neither {path / 'mixture'} nor itself)"
+        )
+    router = read_config(folder).router
+    if router.name != "loramixer":
+        raise ConfigError("loramixer.init_from", f"{folder} has a {router.name!r} router, not a loramixer hard stage")
+    return folder
 
 
 def stage_config(cfg: FinetuneConfig, stage: str, steps: int | None, out: Path, **eval_fields) -> FinetuneConfig:
@@ -149,6 +176,9 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     if plan.adapters:
         source: Path | list[str] = list(plan.adapters)
         soft_eval = {}
+    elif plan.init_from:
+        source = hard_mixture(plan.init_from)
+        soft_eval = {"before_training": False}
     else:
         hard = stage_config(cfg, "hard", plan.hard_steps, out / "hard")
         results["hard"] = finetune.run(hard, build=build_hard)

@@ -87,8 +87,21 @@ def test_hard_then_soft_stage(assets, tmp_path, fresh_state):
     assert results["soft"]["after"] is not None
     summary = json.loads((tmp_path / "run" / "loramixer.json").read_text())
     assert summary["mixture"] == str(soft) and summary["soft"]["after"] == results["soft"]["after"]
+    # loramixer.init_from: a later soft stage starts from this hard stage; other mixtures are refused.
+    assert recipe.hard_mixture(tmp_path / "run" / "hard") == hard
+    lomix.save(lomix.inject(_tiny_llama(), lomix.MixtureConfig(num_experts=2)), tmp_path / "topk")
+    with pytest.raises(ConfigError, match=r"loramixer\.init_from.*'topk' router"):
+        recipe.hard_mixture(tmp_path / "topk")
+    with pytest.raises(ConfigError, match=r"loramixer\.init_from.*holds no lomix mixture"):
+        recipe.hard_mixture(tmp_path)
     soft_log = [json.loads(line) for line in (soft.parent / "log.jsonl").read_text().splitlines()]
     assert all(r["aux_loss"] != 0 for r in soft_log if "aux_loss" in r)  # the SBL is in the soft stage's loss
+
+
+def _tiny_llama():
+    from conftest import MODEL_CASES
+
+    return MODEL_CASES["llama"].build()
 
 
 def test_hard_stage_in_the_finetune_loop_moves_only_the_batch_domains_experts(assets, tmp_path, fresh_state):

@@ -1,0 +1,170 @@
+"""LoRA-Mixer on BIG-bench with SmolLM2-135M (issue 7's measurements), printed as markdown tables.
+
+    python benchmarks/loramixer_bigbench.py --out runs/loramixer-bench             # reduced (the issue note)
+    python benchmarks/loramixer_bigbench.py --out runs/loramixer-full --scale full  # the issue's sizes
+
+1. Hard stage once (expert j trains on domain j, recipes/configs/loramixer.yaml).
+2. Soft stage from it three times: no balance loss, SBL with the sharpening entropy sign, SBL with
+   the flattening sign (same alpha, lambda). For each: per-domain expert-activation histograms on the
+   test prompts+answers (top-1 share and mean router probability per expert, averaged over layers)
+   and the mean routing entropy, plus top-K accuracy.
+3. Plug-and-play: the hard stage's experts exported as three standalone PEFT adapters
+   (`lomix export --format peft --task T`), loaded frozen; only the router trains, on router-training
+   sets of growing size (one epoch each); accuracy per size.
+
+Writes OUT/results.json and prints the tables. Seeds fixed (seed 0); one seed only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "loramixer.yaml"
+SCALES = {
+    # per task: test examples, hard/soft steps, router-training sizes (examples per task)
+    "reduced": {"test": 15, "hard_steps": 16, "soft_steps": 8, "sizes": [8, 16, 32, 64], "max_length": 160},
+    "full": {"test": 40, "hard_steps": 48, "soft_steps": 48, "sizes": [83, 167, 333, 667], "max_length": 192},
+}
+
+
+def lomix_cli(*args: str) -> None:
+    command = [str(Path(sys.executable).with_name("lomix")), *args]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def histograms(run_dir: Path) -> dict:
+    """Per domain: top-1 share and mean probability per expert (mean over layers), mean entropy."""
+    from lomix.loramixer import expert_histogram, set_router
+    from lomix.recipes.routing_report import collect
+    from lomix.recipes.runs import load_run, run_examples
+
+    run = load_run(run_dir)
+    set_router(run.model, k=1)  # top-1 selection: which expert each token would use alone
+    _, per_task = collect(run, run_examples(run, "test"))
+    out = {}
+    for task, stats in per_task.items():
+        summary = stats.summary()
+        probs = torch.tensor([s["mean_prob"] for s in summary.values()]).mean(0).tolist()
+        entropy = sum(s["entropy"] for s in summary.values()) / len(summary)
+        out[task] = {"top1_share": expert_histogram(summary), "mean_prob": probs, "entropy": entropy}
+    return out
+
+
+def accuracy(run_dir: Path) -> dict:
+    return accuracy_of(run_dir / "eval.json")
+
+
+def accuracy_of(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    return {"mean": result["mean"]["score"], **{t: v["score"] for t, v in result["tasks"].items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/loramixer-bench")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="reduced")
+    parser.add_argument("--sbl-alpha", type=float, default=0.01)
+    parser.add_argument("--sbl-lambda", type=float, default=0.1)
+    parser.add_argument("--skip-sizes", action="store_true", help="only parts 1 and 2")
+    args = parser.parse_args()
+    scale = SCALES[args.scale]
+    out = Path(args.out)
+    largest = max(scale["sizes"])
+    common = [
+        f"data.bigbench.test_per_task={scale['test']}",
+        f"data.bigbench.train_per_task={max(largest, 8 * scale['hard_steps'] // 3 + 1)}",
+        f"data.max_length={scale['max_length']}",
+        "train.progress=false",
+        "train.save_every=0",
+    ]
+    results: dict = {"scale": args.scale, "settings": scale, "sbl": [args.sbl_alpha, args.sbl_lambda]}
+    started = time.time()
+
+    # 1 + 2: hard stage once, soft stage with three balance settings
+    variants = {
+        "none": ["router.sbl_alpha=0", "router.sbl_lambda=0"],
+        "sharpen": [
+            f"router.sbl_alpha={args.sbl_alpha}",
+            f"router.sbl_lambda={args.sbl_lambda}",
+            "router.entropy_sign=sharpen",
+        ],
+        "flatten": [
+            f"router.sbl_alpha={args.sbl_alpha}",
+            f"router.sbl_lambda={args.sbl_lambda}",
+            "router.entropy_sign=flatten",
+        ],
+    }
+    steps = [f"loramixer.hard_steps={scale['hard_steps']}", f"loramixer.soft_steps={scale['soft_steps']}"]
+    first = out / "balance-none"
+    if not (first / "soft" / "eval.json").is_file():
+        lomix_cli("loramixer", str(CONFIG), *common, *steps, *variants["none"], f"output_dir={first}")
+    results["base"] = accuracy_of(first / "hard" / "eval_before.json")
+    results["hard_oracle"] = accuracy(first / "hard")  # label routing on the test set
+    results["balance"] = {}
+    for name, overrides in variants.items():
+        run = (first if name == "none" else out / f"balance-{name}") / "soft"
+        if not (run / "eval.json").is_file():
+            lomix_cli(
+                "loramixer", str(CONFIG), *common, *steps, *overrides, f"loramixer.init_from={first / 'hard'}",
+                f"output_dir={run.parent}",
+            )  # fmt: skip
+        results["balance"][name] = {"accuracy": accuracy(run), "routing": histograms(run)}
+        print(json.dumps({name: results["balance"][name]}, indent=1), flush=True)
+
+    # 3: plug-and-play over router-training set sizes
+    if not args.skip_sizes:
+        names = json.loads((first / "hard" / "tasks.json").read_text())["names"]
+        adapters = []
+        for task in names:
+            folder = out / "peft" / task.replace("/", "_")
+            if not folder.is_dir():
+                lomix_cli("export", str(first / "hard"), "--format", "peft", "--task", task, "--out", str(folder))
+            adapters.append(str(folder))
+        results["sizes"] = {}
+        for per_task in scale["sizes"]:
+            run = out / f"pnp-{per_task}"
+            total = per_task * len(names)
+            if not (run / "soft" / "eval.json").is_file():
+                lomix_cli(
+                    "loramixer", str(CONFIG), *common, f"data.bigbench.train_per_task={per_task}",
+                    f"loramixer.adapters=[{', '.join(adapters)}]", f"loramixer.soft_steps={max(1, total // 8)}",
+                    "train.warmup_steps=1", "eval.before_training=false", f"output_dir={run}",
+                )  # fmt: skip
+            results["sizes"][total] = accuracy(run / "soft")
+    results["minutes"] = (time.time() - started) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    lines = [f"base model mean accuracy {results['base']['mean']:.3f}; hard stage with label routing (oracle) "
+             f"{results['hard_oracle']['mean']:.3f}", ""]  # fmt: skip
+    lines += [
+        "| soft stage | accuracy | domain | entropy | top-1 share per expert | mean prob per expert |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in results["balance"].items():
+        for task, r in entry["routing"].items():
+            share = " ".join(f"{v:.2f}" for v in r["top1_share"])
+            prob = " ".join(f"{v:.2f}" for v in r["mean_prob"])
+            lines.append(
+                f"| {name} | {entry['accuracy']['mean']:.3f} | {task} | {r['entropy']:.3f} | {share} | {prob} |"
+            )
+    if "sizes" in results:
+        lines += ["", "| router-training examples | mean accuracy | per task |", "|---|---|---|"]
+        for total, acc in results["sizes"].items():
+            per = ", ".join(f"{t} {v:.2f}" for t, v in acc.items() if t != "mean")
+            lines.append(f"| {total} | {acc['mean']:.3f} | {per} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
