@@ -136,6 +136,10 @@ def build_hard(model: nn.Module, cfg: FinetuneConfig, tasks: TaskSet, data_tasks
     if cfg.loramixer.targets == "serial":
         _set_mixture(cfg, dataclasses.replace(cfg.mixture, target_modules=serial_targets(model)))
     lomix.inject(model, cfg.mixture)
+    # Label routing never reads the router weight: freeze it, so the optimizer and DDP (unused
+    # parameters) do not see it. The soft stage loads the mixture trainable again.
+    for _, layer in lomix.mixture_layers(model):
+        layer.router.requires_grad_(False)
 
 
 def soft_builder(source: Path | list[str]):
