@@ -173,7 +173,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.router.name != "loramixer":
         raise ConfigError("router.name", f"lomix loramixer needs the loramixer router, got {cfg.router.name!r}")
     if cfg.resume_from is not None:
-        raise ConfigError("resume_from", "lomix loramixer runs whole stages; resume a stage with lomix train")
+        raise ConfigError(
+            "resume_from",
+            "lomix loramixer runs whole stages and does not resume; after a finished hard stage, rerun the soft "
+            "stage alone with loramixer.init_from=OUTPUT_DIR/hard",
+        )
     out = Path(cfg.output_dir)
     plan = cfg.loramixer
     results: dict[str, Any] = {"hard": None}

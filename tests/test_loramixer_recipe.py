@@ -128,6 +128,12 @@ def test_the_hard_stage_needs_an_expert_per_task(assets, tmp_path, fresh_state):
     data["router"] = {**ROUTER, "k": 1}
     with pytest.raises(ConfigError, match=r"mixture\.num_experts.*3 training tasks"):
         recipe.run(build_config(data))
+    with pytest.raises(ConfigError, match=r"resume_from.*does not resume.*loramixer\.init_from"):
+        recipe.run(build_config({**data, "resume_from": str(tmp_path)}))
+    with pytest.raises(ConfigError, match=r"loramixer\.init_from.*not both"):
+        build_config({**data, "loramixer": {"adapters": ["./a"], "init_from": "runs/x"}})
+    with pytest.raises(ConfigError, match=r"router\.name.*loramixer router"):
+        recipe.run(build_config({**data, "router": {"name": "topk", "k": 1}}))
 
 
 def test_plug_and_play_through_the_cli(assets, tmp_path, fresh_state):
