@@ -28,7 +28,8 @@ import torch
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "loramixer.yaml"
 SCALES = {
-    # test examples per task, batch, hard/soft steps, router-training sizes (examples per task; one
+    # test examples per task, batch, hard/soft steps, training examples per task of the hard and soft
+    # stages (pool), router-training sizes in plug-and-play (examples per task; one
     # epoch each; accuracy on the first pnp_eval test examples per task). "reduced" fits a shared 2-core
     # machine under heavy load (~1 hour at ~3 tokens/s); its numbers are a smoke test, not evidence.
     "reduced": {
@@ -39,6 +40,7 @@ SCALES = {
         "sizes": [4, 8],
         "max_length": 160,
         "pnp_eval": 5,
+        "pool": 16,
     },
     "full": {
         "test": 40,
@@ -48,6 +50,7 @@ SCALES = {
         "sizes": [83, 167, 333, 667],
         "max_length": 192,
         "pnp_eval": 40,
+        "pool": 667,
     },
 }
 
@@ -95,10 +98,9 @@ def main() -> None:
     args = parser.parse_args()
     scale = SCALES[args.scale]
     out = Path(args.out)
-    largest = max(scale["sizes"])
     common = [
         f"data.bigbench.test_per_task={scale['test']}",
-        f"data.bigbench.train_per_task={max(largest, scale['batch'] * scale['hard_steps'] // 3 + 1)}",
+        f"data.bigbench.train_per_task={scale['pool']}",  # hard and soft stages (pnp sets its own)
         f"data.max_length={scale['max_length']}",
         f"train.batch_size={scale['batch']}",
         "train.progress=false",
