@@ -12,7 +12,7 @@
    (`lomix export --format peft --task T`), loaded frozen; only the router trains, on router-training
    sets of growing size (one epoch each); accuracy per size.
 
-Writes OUT/results.json and prints the tables. Seeds fixed (seed 0); one seed only.
+Writes OUT/results-all.json (or results-PART.json with --part) and prints the tables. Seed 0 only.
 """
 
 from __future__ import annotations
@@ -94,7 +94,12 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="reduced")
     parser.add_argument("--sbl-alpha", type=float, default=0.01)
     parser.add_argument("--sbl-lambda", type=float, default=0.1)
-    parser.add_argument("--skip-sizes", action="store_true", help="only parts 1 and 2")
+    parser.add_argument(
+        "--part",
+        choices=["all", "balance", "sizes"],
+        default="all",
+        help="balance: parts 1 and 2; sizes: part 3 (needs part 1's hard stage); each writes OUT/results-PART.json",
+    )
     args = parser.parse_args()
     scale = SCALES[args.scale]
     out = Path(args.out)
@@ -131,7 +136,7 @@ def main() -> None:
             "eval.after_training=false", f"output_dir={first}",
         )  # fmt: skip
     results["balance"] = {}
-    for name, overrides in variants.items():
+    for name, overrides in variants.items() if args.part != "sizes" else ():
         run = (first if name == "none" else out / f"balance-{name}") / "soft"
         if not (run / "mixture").is_dir():
             lomix_cli(
@@ -142,7 +147,7 @@ def main() -> None:
         print(json.dumps({name: results["balance"][name]}, indent=1), flush=True)
 
     # 3: plug-and-play over router-training set sizes
-    if not args.skip_sizes:
+    if args.part != "balance":
         names = json.loads((first / "hard" / "tasks.json").read_text())["tasks"]
         adapters = []
         for task in names:
@@ -166,7 +171,7 @@ def main() -> None:
                 results["base"] = accuracy_of(run / "soft" / "eval_before.json")
             results["sizes"][total] = accuracy(run / "soft")
     results["minutes"] = (time.time() - started) / 60
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"results-{args.part}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))
 
 
