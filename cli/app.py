@@ -53,6 +53,7 @@ def show(directory: Path = typer.Argument(..., help="A folder holding a saved lo
 # Sub-commands live in their own modules and register here, one line each.
 app.command("train", epilog=commands.train_epilog())(commands.train)
 app.command("eval")(commands.evaluate)
+app.command("loramixer")(commands.loramixer)
 app.command("inspect")(tools.inspect)
 app.command("merge")(tools.merge)
 app.command("export")(tools.export)

@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # One readable script per job (torchtune style); each runs as `python -m lomix.recipes.<name>`.
-RECIPES = ("finetune", "evaluation", "bigbench", "routing_report", "merge", "distill", "export", "glider")
+RECIPES = ("finetune", "evaluation", "bigbench", "routing_report", "merge", "distill", "export", "glider", "loramixer")
 
 
 def package_root() -> Path:

@@ -1,4 +1,4 @@
-"""``lomix train`` and ``lomix eval``: thin typed fronts over the finetune and evaluation recipes."""
+"""``lomix train``, ``lomix loramixer`` and ``lomix eval``: thin typed fronts over their recipes."""
 
 from __future__ import annotations
 
@@ -43,6 +43,29 @@ def train(
 
     try:
         finetune.run(cfg)
+    except LomixError as exc:
+        raise fail(exc) from None
+
+
+def loramixer(
+    config: Path = typer.Argument(..., help="A config with the loramixer router (recipes/configs/loramixer.yaml)."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted key=value overrides: loramixer.hard_steps=20 router.k=2 loramixer.adapters='[./a, ./b]'."
+    ),
+) -> None:
+    """LoRA-Mixer: hard (label-routed experts) then soft (router) stage; sparse top-K at inference.
+
+    With loramixer.adapters (PEFT LoRA folders or hub ids) the experts are those adapters, frozen,
+    and only the router trains (plug-and-play). Config fields: `lomix train --help`.
+
+    Writes OUTPUT_DIR/hard/ and OUTPUT_DIR/soft/ (each a finetune run folder; soft/mixture is the
+    result) and OUTPUT_DIR/loramixer.json.
+    """
+    from lomix.recipes import loramixer as recipe
+    from lomix.recipes.config import load_config
+
+    try:
+        recipe.run(load_config(config, overrides or []))
     except LomixError as exc:
         raise fail(exc) from None
 

@@ -9,7 +9,7 @@ model = lomix.load(base_model, "run/mixture")
 
 __version__ = "0.1.0"
 
-from . import embedding, library, rloo
+from . import embedding, library, loramixer, rloo
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load, save
 from .config import BalanceConfig, MixtureConfig
 from .errors import (
@@ -78,6 +78,7 @@ __all__ = [
     "inject",
     "library",
     "load",
+    "loramixer",
     "mixture_layers",
     "mixture_lora",
     "mixture_lora_mixed",

@@ -21,6 +21,7 @@ import yaml
 from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
 from lomix.recipes.fewshot import FewshotConfig
+from lomix.recipes.loramixer import LoramixerConfig
 from lomix.rloo import check_samples
 from lomix.routers import RouterConfig, available_routers, router_class
 from lomix.typed import _type_name, field_docs, from_dict, to_dict
@@ -427,6 +428,10 @@ class FinetuneConfig:
     )
     library: LibraryConfig = field(
         default_factory=LibraryConfig, metadata={"help": "GLIDER's expert library (lomix library / lomix glider)"}
+    )
+    loramixer: LoramixerConfig = field(
+        default_factory=LoramixerConfig,
+        metadata={"help": "LoRA-Mixer's stages and plug-and-play adapters (lomix loramixer; ignored by lomix train)"},
     )
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, dropout and routing noise"})
     output_dir: str = field(default="runs/lomix", metadata={"help": "run folder: config, logs, checkpoints, mixture"})

@@ -250,7 +250,8 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
     return out
 
 
-def setup(cfg: FinetuneConfig) -> Run:
+def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
+    """``build(model, cfg, tasks, data_tasks)`` puts the mixture into the model (`lomix.recipes.loramixer` stages)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -284,7 +285,7 @@ def setup(cfg: FinetuneConfig) -> Run:
 
     if cfg.model.quantized:  # QLoRA-style: fp32 norms, no CPU repacking of 4-bit weights while training
         prepare_kbit_training(model)
-    build_mixture(model, cfg, tasks, data_tasks)  # lomix.inject, or a few-shot start (cfg.fewshot)
+    build(model, cfg, tasks, data_tasks)  # lomix.inject, or a few-shot start (cfg.fewshot)
     if cfg.train.gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # the frozen embeddings need no requires_grad trick this way
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -322,6 +323,8 @@ def setup(cfg: FinetuneConfig) -> Run:
         model, cfg.train.lr, router_lr=cfg.train.router_lr, weight_decay=cfg.train.weight_decay
     )
     optimizer = quantization.build_optimizer(groups, cfg.train)  # torch AdamW or a bitsandbytes 8-bit one
+    # LoRA-Mixer's hard stage: expert j moves on batches of domain j only (a no-op for other routers).
+    lomix.loramixer.freeze_unrouted_experts(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
@@ -573,11 +576,11 @@ def flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 # The recipe
 
 
-def run(cfg: FinetuneConfig) -> dict[str, Any]:
+def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
     """Fine-tune, save, evaluate. Returns {"records", "before", "after"} (evaluations may be None)."""
     from lomix.recipes.evaluation import evaluate_model, results_table, write_json
 
-    run = setup(cfg)
+    run = setup(cfg, build)
     accelerator, out = run.accelerator, run.out
     evaluate = bool(run.test)
     before = after = None

@@ -13,6 +13,7 @@ from .base import (
 from .dense import DenseRouter, DenseRouterConfig
 from .fixed import FixedRouter, FixedRouterConfig
 from .glider import GliderRouter, GliderRouterConfig, PhatgooseRouter, PhatgooseRouterConfig
+from .loramixer import LoRAMixerRouter, LoRAMixerRouterConfig
 from .poly import MHRRouterConfig, PolyRouter, PolyRouterConfig
 from .remix import RemixRouter, RemixRouterConfig
 from .topk import TopKRouter, TopKRouterConfig
@@ -24,6 +25,8 @@ __all__ = [
     "FixedRouterConfig",
     "GliderRouter",
     "GliderRouterConfig",
+    "LoRAMixerRouter",
+    "LoRAMixerRouterConfig",
     "MHRRouterConfig",
     "PhatgooseRouter",
     "PhatgooseRouterConfig",
