@@ -170,11 +170,8 @@ def load_peft_experts(
                 layer.experts.B.zero_()
             for j, (adapter, tensors) in enumerate(zip(loaded, factors, strict=True)):
                 for name, (lora_a, lora_b) in tensors.items():
-                    module = adapter.modules[name]
-                    bank = layers[name].experts
-                    bank.A[j, : module.rank] = lora_a.to(torch.float64).to(bank.A.dtype)
-                    scaled = lora_b.to(torch.float64) * (module.scale / layers[name].scale)
-                    bank.B[j, :, : module.rank] = scaled.to(bank.B.dtype)
+                    scale = adapter.modules[name].scale / layers[name].scale
+                    layers[name].experts.load_expert(j, lora_a, lora_b, scale)
             for layer in layers.values():
                 layer.experts.requires_grad_(False)
         assert all(math.isclose(layer.scale, 1.0) for layer in layers.values())

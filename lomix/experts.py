@@ -39,6 +39,24 @@ class ExpertBank(nn.Module):
             self.A.uniform_(-bound, bound)
             self.B.zero_()
 
+    def load_expert(self, expert: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float = 1.0) -> None:
+        """Set slot ``expert`` to a trained LoRA: lora_a (r, d_in), lora_b (d_out, r) with r <= rank.
+
+        ``scale`` is folded into B (in float64, then cast), and ranks below the bank's are zero-padded,
+        so the slot computes exactly ``scale * lora_b @ lora_a``.
+        """
+        r = lora_a.shape[0]
+        if r > self.rank or lora_a.shape[1] != self.d_in or lora_b.shape != (self.d_out, r):
+            raise ValueError(
+                f"a LoRA of A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} does not fit experts of rank "
+                f"{self.rank}, {self.d_in} -> {self.d_out}"
+            )
+        with torch.no_grad():
+            self.A[expert].zero_()
+            self.B[expert].zero_()
+            self.A[expert, :r] = lora_a.to(torch.float64).to(self.A.dtype)
+            self.B[expert, :, :r] = (lora_b.to(torch.float64) * scale).to(self.B.dtype)
+
     def delta_weight(self, expert: int) -> torch.Tensor:
         """(d_out, d_in) weight update B_e A_e of one expert (unscaled)."""
         return self.B[expert] @ self.A[expert]

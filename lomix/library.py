@@ -276,11 +276,9 @@ def load_library(
                 scale = _expert_scale(expert_config) / config.scale
                 for module in modules:
                     layer = layers[module]
-                    r = expert_config.rank
-                    a = tensors[f"{module}.experts.A"][0].to(torch.float64)
-                    b = tensors[f"{module}.experts.B"][0].to(torch.float64) * scale
-                    layer.experts.A[j, :r] = a.to(layer.experts.A.dtype)
-                    layer.experts.B[j, :, :r] = b.to(layer.experts.B.dtype)
+                    layer.experts.load_expert(
+                        j, tensors[f"{module}.experts.A"][0], tensors[f"{module}.experts.B"][0], scale
+                    )
                     gate = tensors.get(f"{module}.router.gate_vectors")
                     if gate is not None:
                         layer.router.gate_vectors[j] = gate[0].to(layer.router.gate_vectors.dtype)

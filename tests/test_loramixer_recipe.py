@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_config, write_jsonl
+from tiny_assets import run_assets, tiny_config, write_config
 
 import lomix
 from lomix.errors import ConfigError
@@ -27,14 +27,7 @@ TRAIN = {"max_steps": 3, "batch_size": 4, "lr": 2e-2, "warmup_steps": 0, "log_ev
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loramixer")
-    model = make_model_dir(root / "model")
-    return (
-        root,
-        model,
-        write_jsonl(root / "train.jsonl", tiny_rows(0, 8)),
-        write_jsonl(root / "test.jsonl", tiny_rows(1, 2)),
-    )
+    return run_assets(tmp_path_factory.mktemp("loramixer"))
 
 
 @pytest.fixture

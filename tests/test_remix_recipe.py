@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_jsonl
+from tiny_assets import run_assets, tiny_config
 
 import lomix
 from lomix.recipes import finetune
@@ -21,14 +21,7 @@ NO_BALANCE = {"balance": {"switch": 0.0}, "dropout": 0.0}
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("remix")
-    model = make_model_dir(root / "model")
-    return (
-        root,
-        model,
-        write_jsonl(root / "train.jsonl", tiny_rows(0, 8)),
-        write_jsonl(root / "test.jsonl", tiny_rows(1, 2)),
-    )
+    return run_assets(tmp_path_factory.mktemp("remix"))
 
 
 def config(assets, out, test=False, router=None, **sections):

@@ -78,6 +78,13 @@ def make_model_dir(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def run_assets(root: Path) -> tuple[Path, Path, Path, Path]:
+    """(root, model folder, 8-rows-per-task train file, 2-rows-per-task test file) under ``root``."""
+    model = make_model_dir(root / "model")
+    train = write_jsonl(root / "train.jsonl", tiny_rows(0, 8))
+    return root, model, train, write_jsonl(root / "test.jsonl", tiny_rows(1, 2))
+
+
 def tiny_config(tmp: Path, model_dir: Path, train_file: Path, test_file: Path | None, **sections) -> dict:
     """A complete recipe config dict for the tiny model; ``sections`` update it per section."""
     config = {
