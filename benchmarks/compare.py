@@ -227,11 +227,11 @@ class Data:
     test: list
 
 
-def prepare_data(mode: Mode, out: Path) -> Data:
+def prepare_data(cfg) -> Data:
+    """The finetune recipe's data for ``cfg`` (a FinetuneConfig)."""
     from lomix.recipes.assets import load_model_and_tokenizer
     from lomix.recipes.data import Formatter, load_examples, task_set, tokenize
 
-    cfg = load(QUICKSTART, overrides(mode, out / "data", mode.steps))
     train, test = load_examples(cfg.data)
     _, tokenizer = load_model_and_tokenizer(cfg.model)
     tasks = task_set(train, cfg.data)
@@ -831,7 +831,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))))
     started = time.perf_counter()
 
-    data = prepare_data(mode, out)
+    data = prepare_data(load(QUICKSTART, overrides(mode, out / "data", mode.steps)))
     builders = {
         "peft-lora": peft_lora,
         "peft-poly": peft_poly,

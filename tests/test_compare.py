@@ -92,3 +92,29 @@ def test_step_memory_sees_an_allocation_held_during_the_step():
 
     measured = compare.step_memory_mib(step)  # Linux: /proc/self/clear_refs resets the peak
     assert measured is not None and 56 <= measured <= 200
+
+
+def test_loader_gives_the_finetune_recipes_batches(tmp_path):
+    """PEFT methods train on exactly the batches a lomix run sees (same sampler, grouping, seed),
+    across an epoch boundary."""
+    from accelerate.state import AcceleratorState
+    from tiny_assets import run_assets, tiny_config
+
+    from lomix.recipes import finetune
+    from lomix.recipes.config import build_config
+
+    root, model, train, test = run_assets(tmp_path)
+    cfg = build_config(tiny_config(root, model, train, test, train={"batch_size": 3, "group_by_length": 2}))
+    data = compare.prepare_data(cfg)
+    steps = 2 * (len(data.features) // 3) + 1  # two epochs and a step
+    mine = list(compare.loader(data, steps))
+    try:
+        run = finetune.setup(cfg)
+        theirs = [next(batches) for batches in [finetune.micro_batches(run)] for _ in range(steps)]
+    finally:
+        AcceleratorState._reset_state(True)
+    assert len(mine) == steps
+    for a, b in zip(mine, theirs, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["task_ids"], b["task_ids"])
