@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from glider_bigbench import TASKS as GLIDER_TASKS
 from harness import machine, ratio_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +56,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 QUICKSTART = ROOT / "recipes" / "configs" / "quickstart.yaml"
 EXPERT_CONFIG = ROOT / "recipes" / "configs" / "glider_expert.yaml"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TASK_DESCRIPTIONS = {  # GLIDER's global router embeds these (the same text as benchmarks/glider_bigbench.py)
-    "date_understanding": "Infer a date from a short story about days and calendars and give it as MM/DD/YYYY.",
-    "intent_recognition": "Identify the intent behind a user's request, such as booking, weather or music.",
-    "multiemo/hotels_sentence_en": "Classify the sentiment of a sentence from a hotel review.",
-    "color/hex": "Name the color that a hexadecimal color code stands for.",
-    "metaphor_boolean": "Decide whether a sentence correctly paraphrases a metaphor.",
-    "sports_understanding": "Judge whether a sentence about athletes and sports is plausible.",
-}
+# GLIDER's global router embeds the task descriptions of benchmarks/glider_bigbench.py
+TASK_DESCRIPTIONS = {
+    task: GLIDER_TASKS[task]
+    for task in (
+        "date_understanding",
+        "intent_recognition",
+        "multiemo/hotels_sentence_en",
+        "color/hex",
+        "metaphor_boolean",
+        "sports_understanding",
+    )
+}  # the quickstart's six tasks
 METHODS = [
     "peft-lora",
     "peft-poly",
