@@ -130,7 +130,11 @@ def main() -> None:
     }
     steps = [f"loramixer.hard_steps={scale['hard_steps']}", f"loramixer.soft_steps={scale['soft_steps']}"]
     first = out / "balance-none"
-    if not (first / "soft" / "mixture").is_dir():
+    if args.part == "sizes" and not (first / "hard" / "mixture").is_dir():
+        # the size curve needs only the hard stage: one soft step instead of the balance run's soft stage
+        first = out / "hard-only"
+        steps[1:] = ["loramixer.soft_steps=1", "train.warmup_steps=1"]
+    if not (first / ("hard" if args.part == "sizes" else "soft") / "mixture").is_dir():
         lomix_cli(
             "loramixer", str(CONFIG), *common, *steps, *variants["none"], "eval.before_training=false",
             "eval.after_training=false", f"output_dir={first}",
