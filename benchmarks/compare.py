@@ -1,7 +1,7 @@
 """lomix beside the PEFT tools a user would otherwise pick, on identical data, steps, seeds and budget.
 
     python benchmarks/compare.py --quick    # 3 tasks, 16 steps of 4: under 20 minutes on 2 CPU cores
-    python benchmarks/compare.py            # 6 tasks, 96 steps of 8: about 2 hours on 2 CPU cores
+    python benchmarks/compare.py            # 6 tasks, 96 steps of 8: about 2.5 hours on 2 CPU cores (estimated)
 
 SmolLM2-135M-Instruct (frozen, fp32) and the offline BIG-bench multi-task set of the quickstart; all
 seven projections of every layer adapted; E = number of tasks experts of rank r = 8, top-k = 2.
@@ -18,16 +18,22 @@ seven projections of every layer adapted; E = number of tasks experts of rank r 
                  descriptions (alpha 100, held-in), top-k
 
 Budget: every method takes the same number S of optimizer steps of the same batch size over the same
-data (the same sampler, seed and learning rate 1e-3); two-stage methods split it: LoRA-Mixer and
-X-LoRA spend S/2 on the shared hard stage and S/2 on their router, GLIDER S/(2T) per task expert and
-S/(2T) per expert's gates. All mixtures hold the same adapter parameters (E experts of rank r).
+data (the finetune recipe's sampler and seed; AdamW, linear warm-up over S/10 and decay, clipping at
+1.0); two-stage methods split it: LoRA-Mixer and X-LoRA spend S/2 on the shared hard stage and S/2 on
+their router, GLIDER S/2 on its single-task experts and S/2 on their gates, shared out over the tasks.
+All mixtures hold the same adapter parameters (E experts of rank r). Learning rates: experts and
+LoRAs 1e-3; Poly/MHR routing rows 0.1 (lomix's default, Ponti et al.); LoRA-Mixer's router and
+X-LoRA's classifier 1e-2 (recipes/configs/loramixer.yaml); GLIDER's gates 1e-2 constant
+(`lomix library add`); top-k and ReMix routers 1e-3. PEFT Poly's B factors train at 2r x the rate,
+which is exactly PEFT Poly with the alpha/r scale of the others (PEFT's Poly divides by r).
 
 Measured per method, in this one process: mean and per-task test accuracy (multiple choice by choice
-log-likelihood, the recipes' evaluator), adapter and active-per-token parameters, training-step and
-forward time as ratios to PEFT LoRA on the same batch (alternating rounds, median and IQR, PERFORMANCE.md
-protocol), the extra resident memory a training step needs over the loaded model (peak RSS after
-resetting the kernel's high-water mark), and the effective support of the routing (||g||_1^2/||g||_2^2
-of each token's expert weights, mean over layers and tasks; PEFT LoRA: 1).
+log-likelihood, the recipes' evaluator), adapter and active-per-token parameters, the effective
+support of the routing (||g||_1^2/||g||_2^2 of each token's expert weights on each task's first test
+examples, mean over layers and tasks; PEFT LoRA: 1), training-step and forward time as ratios to
+PEFT LoRA on one training batch (alternating rounds, median and IQR, PERFORMANCE.md protocol), and
+the extra peak resident memory of two more training steps on that batch over what is resident
+before them (steady state: AdamW's state already exists; the kernel's high-water mark reset first).
 
 Writes benchmarks/results/compare_<mode>_cpu.{json,md,png}; run folders go under --out.
 """
@@ -306,6 +312,19 @@ def train_peft(model: torch.nn.Module, data: Data, steps: int, groups: list[dict
     return losses
 
 
+def test_batches(data: Data, size: int) -> list[dict]:
+    """One batch of the first ``size`` test examples of each task (prompts and answers), for the
+    routing-support figure: every task counts, and no method has trained on these rows."""
+    from lomix.recipes.data import Collator, tokenize
+
+    collate = Collator(data.tokenizer.pad_token_id)
+    batches = []
+    for task in data.tasks.names:
+        rows = [e for e in data.test if e.task == task][:size]
+        batches.append(collate(tokenize(rows, data.formatter, data.tasks)))
+    return batches
+
+
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -322,7 +341,6 @@ class Trained:
     eval: dict
     adapter_params: int
     active_params: int
-    train_seconds: float
     probe: Callable[[], Probe]  # loads the trained model ready to time (called once, then freed)
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -376,9 +394,7 @@ def peft_lora(data: Data, mode: Mode, out: Path) -> Trained:
 
     set_seed(data.cfg.seed)
     model = build()
-    start = time.perf_counter()
     train_peft(model, data, mode.steps, [{"params": trainable(model), "lr": data.cfg.train.lr}])
-    seconds = time.perf_counter() - start
     result = evaluate(model, data)
     count = sum(p.numel() for p in trainable(model))
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
@@ -388,7 +404,7 @@ def peft_lora(data: Data, mode: Mode, out: Path) -> Trained:
         fresh.load_state_dict(state, strict=False)
         return Probe(fresh, optimizer_step(fresh, answer_loss(fresh)), lambda batch: 1.0)
 
-    return Trained("peft-lora", result, count, count, seconds, probe)
+    return Trained("peft-lora", result, count, count, probe)
 
 
 def poly_support(model: PeftCausalLM, batch: dict) -> float:
@@ -426,13 +442,21 @@ def peft_poly(data: Data, mode: Mode, out: Path) -> Trained:
 
     set_seed(data.cfg.seed)
     model = build()
-    routers = [p for n, p in model.named_parameters() if p.requires_grad and "poly_router" in n]
-    skills = [p for n, p in model.named_parameters() if p.requires_grad and "poly_router" not in n]
-    # lomix's Poly/MHR routers train at 0.1 by default (Ponti et al.); PEFT's routers get the same
-    groups = [{"params": skills, "lr": data.cfg.train.lr}, {"params": routers, "lr": 0.1}]
-    start = time.perf_counter()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    routers = [p for n, p in named if "poly_router" in n]
+    a_factors = [p for n, p in named if "poly_lora_A" in n]
+    b_factors = [p for n, p in named if "poly_lora_B" in n]
+    # PEFT's Poly divides its output by r where every other adapter here scales by alpha/r = 2, i.e.
+    # 2r = 16x less. With B starting at zero and Adam (no weight decay), training B at 16x the rate is
+    # exactly the same model as scaling it by alpha/r: B' = 16 B keeps every output and A's gradient.
+    # The routers train at 0.1, lomix's Poly/MHR default (Ponti et al.).
+    lr = data.cfg.train.lr
+    groups = [
+        {"params": a_factors, "lr": lr},
+        {"params": b_factors, "lr": lr * 2 * mode.rank},
+        {"params": routers, "lr": 0.1},
+    ]
     train_peft(model, data, mode.steps, groups)
-    seconds = time.perf_counter() - start
     result = evaluate(model, data)
     count = sum(p.numel() for p in trainable(model))
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if "poly_" in k}
@@ -443,56 +467,56 @@ def peft_poly(data: Data, mode: Mode, out: Path) -> Trained:
         return Probe(fresh, optimizer_step(fresh, answer_loss(fresh)), lambda batch: poly_support(fresh, batch))
 
     # Poly mixes all skills into one rank-r LoRA per task: every skill parameter acts on each token
-    return Trained("peft-poly", result, count, count, seconds, probe)
+    notes = [
+        f"B factors at {2 * mode.rank}x the rate: the same model as PEFT Poly with the alpha/r = 2 scale of the others"
+    ]
+    return Trained("peft-poly", result, count, count, probe, notes)
 
 
-def hard_stage(data: Data, mode: Mode, out: Path) -> tuple[Path, list[str], float]:
+def hard_stage(data: Data, mode: Mode, out: Path) -> tuple[Path, list[str]]:
     """LoRA-Mixer's hard stage (S/2 steps, expert j on task j), shared by LoRA-Mixer and X-LoRA,
     and its experts exported as standalone PEFT adapters (one per task)."""
     from lomix.recipes import export, finetune
     from lomix.recipes.loramixer import build_hard, stage_config
 
     run = out / "lomix-loramixer"
-    start = time.perf_counter()
     if not (run / "hard" / "mixture").is_dir():
         cfg = load(QUICKSTART, overrides(mode, run, mode.steps // 2, *LORAMIXER, "eval.after_training=false"))
         lomix_run(stage_config(cfg, "hard", mode.steps // 2, run / "hard"), lambda c: finetune.run(c, build=build_hard))
-    seconds = time.perf_counter() - start
     adapters = []
     for task in sorted(mode.tasks):
         folder = out / "peft-experts" / task.replace("/", "_")
         if not (folder / "adapter_config.json").is_file():
             export.run(run / "hard", "peft", folder, task)
         adapters.append(str(folder))
-    return run / "hard", adapters, seconds
+    return run / "hard", adapters
 
 
+ROUTER_LR = 1.0e-2  # LoRA-Mixer's router and X-LoRA's classifier over frozen experts
 LORAMIXER = [
     "router={name: loramixer, k: 2, inference: topk}",
     "mixture.balance.switch=0.0",
     "loramixer.targets=mixture",  # the comparison's seven projections, as for every method
-    "train.router_lr=1.0e-2",  # recipes/configs/loramixer.yaml
+    f"train.router_lr={ROUTER_LR}",  # recipes/configs/loramixer.yaml
 ]
 
 
 def lomix_loramixer(data: Data, mode: Mode, out: Path) -> Trained:
     from lomix.recipes.loramixer import run as loramixer_run
 
-    hard, _, hard_seconds = hard_stage(data, mode, out)
+    hard, _ = hard_stage(data, mode, out)
     run = out / "lomix-loramixer"
-    start = time.perf_counter()
     if finished(run / "soft") is None:
         items = overrides(mode, run, mode.steps - mode.steps // 2, *LORAMIXER, f"loramixer.init_from={hard}")
         lomix_run(load(QUICKSTART, items), loramixer_run)
-    seconds = hard_seconds + time.perf_counter() - start
-    return lomix_trained("lomix-loramixer", run / "soft", data, mode, seconds, soft_stage=True)
+    return lomix_trained("lomix-loramixer", run / "soft", data, mode, soft_stage=True)
 
 
 def peft_xlora(data: Data, mode: Mode, out: Path) -> Trained:
     from accelerate.utils import set_seed
     from peft import XLoraConfig, get_peft_model
 
-    _, adapters, hard_seconds = hard_stage(data, mode, out)
+    _, adapters = hard_stage(data, mode, out)
     # PEFT 0.21.2 loads X-LoRA's adapters under the names "0", "1", ... but activates the dict's keys:
     # any other names fail with KeyError in disable_adapter_layers, so the keys are those indices.
     notes = ["X-LoRA adapters named 0..E-1 (PEFT 0.21.2 KeyError with other names); scoring without KV cache"]
@@ -505,15 +529,15 @@ def peft_xlora(data: Data, mode: Mode, out: Path) -> Trained:
             hidden_size=model.config.hidden_size,
             adapters={str(i): path for i, path in enumerate(adapters)},
             xlora_depth=1,
+            xlora_dropout_p=0.0,  # lomix's routers have no dropout
         )
         return PeftCausalLM(get_peft_model(model, config), cache=False)
 
     set_seed(data.cfg.seed)
     model = build()
     steps = mode.steps - mode.steps // 2
-    start = time.perf_counter()
-    train_peft(model, data, steps, [{"params": trainable(model), "lr": data.cfg.train.lr}])
-    seconds = hard_seconds + time.perf_counter() - start
+    # the classifier trains at LoRA-Mixer's router rate (recipes/configs/loramixer.yaml): the same job
+    train_peft(model, data, steps, [{"params": trainable(model), "lr": ROUTER_LR}])
     result = evaluate(model, data, whole_sequences=True)
     classifier = sum(p.numel() for p in trainable(model))
     experts = sum(p.numel() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
@@ -536,7 +560,7 @@ def peft_xlora(data: Data, mode: Mode, out: Path) -> Trained:
         return Probe(fresh, optimizer_step(fresh, answer_loss(fresh)), support)
 
     # dense softmax scalings: every adapter acts on every token
-    return Trained("peft-xlora", result, experts + classifier, experts + classifier, seconds, probe, notes)
+    return Trained("peft-xlora", result, experts + classifier, experts + classifier, probe, notes)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -547,10 +571,14 @@ def model_inputs(batch: dict) -> dict:
 
 def lomix_finetune(name: str, router: list[str], data: Data, mode: Mode, out: Path) -> Trained:
     run = out / name
-    start = time.perf_counter()
     if finished(run) is None:
         lomix_run(load(QUICKSTART, overrides(mode, run, mode.steps, *router)))
-    return lomix_trained(name, run, data, mode, time.perf_counter() - start)
+    return lomix_trained(name, run, data, mode)
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` steps over ``parts`` runs, as equal as whole steps allow (each at least 1)."""
+    return [max(1, total // parts + (i < total % parts)) for i in range(parts)]
 
 
 def lomix_glider(data: Data, mode: Mode, out: Path) -> Trained:
@@ -559,18 +587,19 @@ def lomix_glider(data: Data, mode: Mode, out: Path) -> Trained:
     from lomix.recipes.glider import add_run, expert_name
     from lomix.recipes.glider import run as glider_run
 
-    per_expert = max(1, mode.steps // (2 * len(mode.tasks)))
-    start = time.perf_counter()
+    # S/2 expert steps and S/2 gate steps in all, shared out over the tasks (the first get the remainder)
+    per_expert = split(mode.steps // 2, len(mode.tasks))
+    per_gates = split(mode.steps - mode.steps // 2, len(mode.tasks))
     library = Library.open(out / "glider-library", create=True)
-    for task in mode.tasks:
+    for task, expert_steps, gate_steps in zip(mode.tasks, per_expert, per_gates, strict=True):
         run = out / "glider-experts" / expert_name(task)
         if not (run / "mixture").is_dir():
             items = overrides(
-                mode, run, per_expert, "mixture.num_experts=1", "eval.after_training=false", tasks=(task,)
+                mode, run, expert_steps, "mixture.num_experts=1", "eval.after_training=false", tasks=(task,)
             )
             lomix_run(load(EXPERT_CONFIG, items))
         if expert_name(task) not in library.names():
-            add_run(library, run, LibraryConfig(gate_steps=per_expert), batch_size=mode.batch)
+            add_run(library, run, LibraryConfig(gate_steps=gate_steps), batch_size=mode.batch)
     run = out / "lomix-glider"
     if finished(run) is None:
         items = overrides(
@@ -578,14 +607,16 @@ def lomix_glider(data: Data, mode: Mode, out: Path) -> Trained:
         )  # held-in tasks: alpha 100 (the paper's)
         cfg = load(ROOT / "recipes" / "configs" / "glider.yaml", items)
         lomix_run(cfg, glider_run)
-    seconds = time.perf_counter() - start
-    trained = lomix_trained("lomix-glider", run, data, mode, seconds, trains=False)
-    trained.notes.append(f"{per_expert} expert steps and {per_expert} gate steps per task; no training after assembly")
+    trained = lomix_trained("lomix-glider", run, data, mode, trains=False)
+    trained.notes.append(
+        f"expert steps {per_expert} and gate steps {per_gates} per task (gates: AdamW at 1e-2, constant, their own "
+        "sampler, as `lomix library add`); no training after assembly, so no step time"
+    )
     return trained
 
 
 def lomix_trained(
-    name: str, run: Path, data: Data, mode: Mode, seconds: float, *, soft_stage: bool = False, trains: bool = True
+    name: str, run: Path, data: Data, mode: Mode, *, soft_stage: bool = False, trains: bool = True
 ) -> Trained:
     """A lomix run's evaluation, parameter counts and timing probe."""
     import lomix
@@ -633,7 +664,7 @@ def lomix_trained(
 
         return Probe(fresh, optimizer_step(fresh, loss) if trains else None, support)
 
-    return Trained(name, result, adapter, active, seconds, probe)
+    return Trained(name, result, adapter, active, probe)
 
 
 def layer_support(summary: dict) -> float:
@@ -689,10 +720,14 @@ def step_memory_mib(step: Callable[[], None]) -> float | None:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def measure(trained: Trained, baseline: Probe, batch: dict, mode: Mode) -> dict:
+def measure(trained: Trained, baseline: Probe, batch: dict, task_batches: list[dict], mode: Mode) -> dict:
+    """Support on the test batches of each task, before any step; then the alternating timing
+    rounds; then the memory of two more steps (steady state: the first steps of a process allocate
+    one-time buffers that would swamp a small batch's figure, so AdamW's state is not included)."""
     from lomix.recipes.finetune import forward
 
     probe = trained.probe() if trained.name != "peft-lora" else baseline
+    support = sum(probe.support(b) for b in task_batches) / len(task_batches)
 
     def forward_of(model):
         def run() -> None:
@@ -724,7 +759,7 @@ def measure(trained: Trained, baseline: Probe, batch: dict, mode: Mode) -> dict:
         "step": step,
         "step_memory_mib": memory,
         "forward_memory_mib": forward_memory,
-        "support": probe.support(batch),
+        "support": support,
     }
 
 
@@ -781,7 +816,9 @@ def markdown(results: dict) -> str:
         f"{settings['steps']} optimizer steps of {settings['batch']} examples per method, {n} test examples per task "
         f"(one example = {100 / n:.1f} points of a task, {100 / (n * len(tasks)):.1f} of the mean), seed "
         f"{settings['seed']}. Step time, forward time: median ratio to PEFT LoRA (IQR) over {settings['rounds']} "
-        "alternating rounds on one training batch. Step memory: extra peak resident memory of two training steps.",
+        "alternating rounds on one training batch. Step memory: extra peak resident memory of two training "
+        "steps after the timing rounds (AdamW state not included). Routing support: on each task's first "
+        "test examples.",
     ]
     notes = [f"{name}: {note}" for name, row in rows.items() for note in row["notes"]]
     if notes:
@@ -860,16 +897,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{method}] mean accuracy {score:.3f}, {time.perf_counter() - start:.0f} s", flush=True)
 
     batch = next(loader(data, 1))
+    task_batches = test_batches(data, mode.batch)
     baseline = trained["peft-lora"].probe()
     rows = {}
     for method, item in trained.items():
         start = time.perf_counter()
-        measured = measure(item, baseline, batch, mode)
+        measured = measure(item, baseline, batch, task_batches, mode)
         rows[method] = {
             "eval": item.eval,
             "adapter_params": item.adapter_params,
             "active_params": item.active_params,
-            "train_seconds_this_machine": item.train_seconds,
             "measure": measured,
             "notes": item.notes,
         }
