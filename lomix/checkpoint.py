@@ -39,9 +39,12 @@ def mixture_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The mixture's own tensors (experts, routers, router buffers), keyed by full module path."""
     state = {}
     for name, layer in mixture_layers(model):
-        for key, value in layer.state_dict().items():
-            if not key.startswith("base_layer."):
-                state[f"{name}.{key}"] = value
+        # The base layer is never asked for its state: that is all of its weights, and a bitsandbytes
+        # layer converts its storage in place when asked.
+        layer._save_to_state_dict(state, f"{name}.", keep_vars=False)
+        for child_name, child in layer.named_children():
+            if child is not layer.base_layer:
+                state.update(child.state_dict(prefix=f"{name}.{child_name}."))
     return state
 
 

@@ -34,6 +34,24 @@ class UnsupportedModuleError(LomixError, TypeError):
     """A targeted module is of a type lomix cannot wrap."""
 
 
+class RepackedWeightError(UnsupportedModuleError):
+    """bitsandbytes repacked a 4-bit weight into its AVX512-BF16 CPU layout before lomix saw the model.
+
+    Args:
+        module: the layer's name in its model (or its type when the name is unknown).
+        shape: ``"in_features -> out_features"``.
+    """
+
+    def __init__(self, module: str, shape: str):
+        self.module = module
+        super().__init__(
+            f"{module} (4-bit, {shape}): bitsandbytes already repacked this weight for AVX512-BF16 CPU inference "
+            "(a no-grad eval forward ran before lomix saw the model), which rounded its block scales to bf16 and "
+            "cannot be undone exactly; load the base again and call lomix.quant.disable_cpu_repacking(model) "
+            "(lomix.inject, lomix.load and prepare_kbit_training do it) before running it"
+        )
+
+
 class CheckpointError(LomixError):
     """A saved mixture cannot be loaded (or written)."""
 

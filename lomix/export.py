@@ -41,6 +41,7 @@ from .errors import LomixError, RoutingError
 from .inject import mixture_layers
 from .kernels.torch_backend import mix_parameters
 from .layer import MixtureLinear, _conv1d_type
+from .quant import dequantized_weight, disable_cpu_repacking, quant_kind
 from .routing import ParameterMixing, RoutingContext, TokenRouting
 
 PROBE_TOKENS = 8
@@ -229,21 +230,12 @@ def export_peft(
     return directory
 
 
-def _bnb_kind(module: nn.Module) -> str | None:
-    """'4bit' / '8bit' for a bitsandbytes linear layer, else None."""
-    if not type(module).__module__.startswith("bitsandbytes"):
-        return None
-    name = type(module).__name__
-    return "4bit" if "4bit" in name else "8bit" if "8bit" in name else None
-
-
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """(d_out, d_in) weight of a linear layer lomix wraps: nn.Linear, GPT-2's Conv1D (stored
-    transposed) or a bitsandbytes 4/8-bit layer (dequantized)."""
-    if _bnb_kind(module) is not None:
-        from peft.utils.integrations import dequantize_bnb_weight
-
-        return dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
+    transposed) or a bitsandbytes 4/8-bit layer (dequantized to fp32 by `lomix.quant.dequantized_weight`,
+    which refuses a 4-bit weight bitsandbytes repacked for AVX512-BF16 CPU inference)."""
+    if quant_kind(module) is not None:
+        return dequantized_weight(module)
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         return module.weight.t()
@@ -267,9 +259,10 @@ def export_merged(
     default the dtype of the model's input embeddings); the returned info's ``notes`` say so.
     Returns the info written to ``lomix_export.json``.
     """
+    disable_cpu_repacking(model)  # a weight bitsandbytes repacked is refused with its name, before any work
     loras = fixed_loras(model, context, **fields)
     conv1d = _conv1d_type()
-    quantized = sorted({kind for m in model.modules() if (kind := _bnb_kind(m))})
+    quantized = sorted({kind for m in model.modules() if (kind := quant_kind(m))})
     if dtype is None and quantized:
         dtype = model.get_input_embeddings().weight.dtype
     notes = []
@@ -281,13 +274,13 @@ def export_merged(
         if isinstance(module, MixtureLinear):
             base = module.base_layer
             folded = dense_weight(base).double() + loras[name].delta().to(base.weight.device)
-            target = dtype or (torch.float32 if _bnb_kind(base) else base.weight.dtype)
+            target = dtype or (torch.float32 if quant_kind(base) else base.weight.dtype)
             weight = folded.t() if conv1d is not None and isinstance(base, conv1d) else folded
             state[f"{name}.weight"] = weight.to(target).contiguous()
             if getattr(base, "bias", None) is not None:
                 state[f"{name}.bias"] = base.bias.detach().to(dtype or base.bias.dtype)
             handled.append(name)
-        elif _bnb_kind(module) is not None:
+        elif quant_kind(module) is not None:
             state[f"{name}.weight"] = dense_weight(module).to(dtype).contiguous()
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias.detach().to(dtype)

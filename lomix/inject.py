@@ -14,6 +14,7 @@ from torch import nn
 from .config import MixtureConfig
 from .errors import LomixError, TargetModulesNotFoundError
 from .layer import MixtureLinear, linear_dims
+from .quant import disable_cpu_repacking
 from .routers import Router
 from .routing import CONTEXT_KWARGS, ContextHolder, RoutingContext
 
@@ -118,6 +119,7 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
     if getattr(model, "lomix_state", None) is not None:
         raise LomixError(f"{type(model).__name__} already holds a lomix mixture; load or inject into a fresh model")
     targets = find_targets(model, config)
+    disable_cpu_repacking(model)  # the same numbers on every CPU (lomix.quant explains)
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
     holder = ContextHolder()
     # Every layer is built before any is swapped in: a layer the router rejects leaves the model untouched.

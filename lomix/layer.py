@@ -17,6 +17,7 @@ from .experts import ExpertBank
 from .kernels import mixture_lora, mixture_lora_mixed
 from .layout import SparseResidual, residual_size
 from .losses import router_z_loss, switch_load_balancing_loss
+from .quant import disable_cpu_repacking
 from .routers import build_router
 from .routing import ContextHolder, ParameterMixing, RoutingContext, TokenRouting
 
@@ -72,6 +73,7 @@ class MixtureLinear(nn.Module):
     ):
         super().__init__()
         self.d_in, self.d_out = linear_dims(base_layer, name)
+        disable_cpu_repacking(base_layer, name)  # one 4-bit layout on every CPU (lomix.quant explains)
         self.base_layer = base_layer
         weight = getattr(base_layer, "weight", None)
         # A merged mixture (MC-SMoE) has fewer bank experts than router experts: see lomix.layout.

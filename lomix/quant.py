@@ -9,10 +9,22 @@ experts and routers on top. Both bitsandbytes layer types subclass ``torch.nn.Li
 - `dequantized_weight`: the (d_out, d_in) weight a quantized layer really multiplies with (merging
   a mixture into a quantized base, or exporting it, starts from this).
 - `unmap_checkpoint`: let go of the full-precision checkpoint file a quantized model was loaded from.
+- `disable_cpu_repacking`: keep 4-bit weights in bitsandbytes' standard layout on every CPU (below).
 - `prepare_kbit_training`: the setup peft's ``prepare_model_for_kbit_training`` does, without its
   side effects on gradient checkpointing: freeze the base, keep every non-quantized parameter in
   fp32, give the embeddings' output a gradient for re-entrant checkpointing, and stop
   bitsandbytes from repacking 4-bit weights for CPU inference while a model trains.
+
+One layout on every CPU: on a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight IN PLACE
+into a CPU-specific layout the first time the layer runs in eval mode without gradients. That layout
+multiplies in bf16 with block scales rounded to bf16 (not reversible exactly), has no autograd path to
+the input (a later training step loses every gradient through the base), is mutated back by
+``state_dict()`` (re-quantizing double-quantized scales), and its reshape fails for layers whose
+in_features is not a multiple of the block size or whose out_features is not a multiple of 32. The same
+mixture would then give other numbers, or a traceback, depending on the machine. So lomix turns the
+repacking off on every 4-bit layer of a model it loads, wraps or prepares (`disable_cpu_repacking`,
+called by `lomix.inject`, `lomix.load`, `prepare_kbit_training` and the recipes' model loading), and
+refuses, naming the layer, a weight that bitsandbytes repacked before lomix saw the model.
 
 Experts over a quantized layer are fp32 (`lomix.layer._expert_dtype`): that IS the compute dtype
 of the fp32 case, and for bf16/fp16 compute it keeps fp32 master weights, as peft does for LoRA
@@ -27,14 +39,13 @@ can be one of its types then).
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .errors import UnsupportedModuleError
+from .errors import RepackedWeightError, UnsupportedModuleError
 
 INSTALL_HINT = "pip install bitsandbytes (or pip install 'lomix[quant]')"
 
@@ -88,10 +99,12 @@ def compute_dtype(module: nn.Module) -> torch.dtype | None:
 def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (d_out, d_in) weight ``module`` multiplies its input with, as a new ``dtype`` tensor.
 
-    Accepts a bitsandbytes Linear4bit (nf4/fp4, with or without double quantization, also after
-    bitsandbytes repacked it for AVX512-BF16 CPU inference) or Linear8bitLt (int8 rows times their
-    scale / 127), a plain ``nn.Linear``, transformers' Conv1D (stored transposed), or a
-    `MixtureLinear` (its base layer). The module is not modified. The bias is not included.
+    Accepts a bitsandbytes Linear4bit (nf4/fp4, with or without double quantization) or Linear8bitLt
+    (int8 rows times their scale / 127), a plain ``nn.Linear``, transformers' Conv1D (stored
+    transposed), or a `MixtureLinear` (its base layer). The module is not modified. The bias is not
+    included. A 4-bit weight that bitsandbytes repacked for AVX512-BF16 CPU inference is refused
+    (`RepackedWeightError`): its block scales were rounded to bf16, so no weight it yields equals the
+    layer's standard-layout weight.
     """
     name = f"{type(module).__module__}.{type(module).__qualname__}"
     module = _base(module)
@@ -124,19 +137,8 @@ def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
             f"{type(module).__name__} holds no quantization state: its weight was never quantized "
             "(bitsandbytes quantizes when the layer is moved to a device, e.g. module.to('cpu'))"
         )
-    data = weight.data
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks 4-bit weights in place for AVX512-BF16 CPU inference: undo it on copies
-        # (the inverse would re-quantize a nested absmax; the packed layer computes with the bf16 absmax
-        # kept in the state, which is what we dequantize with).
-        state = copy.copy(state)
-        state.original_nested = False
-        rows, cols = state.shape
-        absmax = state.absmax
-        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), state)
-        state.absmax = absmax.t().reshape(rows * cols // state.blocksize).float()
-        state.dtype = torch.float32
-    return bnbf.dequantize_4bit(data, state).float()
+    check_standard_layout(module)
+    return bnbf.dequantize_4bit(weight.data, state).float()
 
 
 def _dequantize_8bit(module: nn.Module) -> torch.Tensor:
@@ -151,6 +153,43 @@ def _dequantize_8bit(module: nn.Module) -> torch.Tensor:
             "(bitsandbytes quantizes when the layer is moved to a device, e.g. module.to('cpu'))"
         )
     return codes.float() * (scales.float().unsqueeze(1) / 127.0)
+
+
+def repacked_for_cpu(module: nn.Module) -> bool:
+    """True when bitsandbytes has repacked ``module``'s 4-bit weight into its AVX512-BF16 CPU layout."""
+    state = getattr(getattr(_base(module), "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def check_standard_layout(module: nn.Module, name: str | None = None) -> None:
+    """Raise `RepackedWeightError` (naming ``name`` or the layer's type, and its shape) when bitsandbytes
+    has repacked ``module``'s 4-bit weight for AVX512-BF16 CPU inference."""
+    if repacked_for_cpu(module):
+        raise RepackedWeightError(name or type(_base(module)).__name__, linear_shape(_base(module)))
+
+
+def linear_shape(module: nn.Module) -> str:
+    """``"in_features -> out_features"`` of a linear layer, for messages."""
+    return f"{getattr(module, 'in_features', '?')} -> {getattr(module, 'out_features', '?')}"
+
+
+def disable_cpu_repacking(model: nn.Module, prefix: str = "") -> nn.Module:
+    """Keep every bitsandbytes 4-bit layer of ``model`` in the standard layout on every CPU; returns ``model``.
+
+    Turns off ``support_avx512bf16_for_cpu`` (bitsandbytes' in-place repacking at the first no-grad
+    eval forward on AVX512-BF16 CPUs; see the module docstring for why lomix never lets it happen), so
+    that a mixture computes the same numbers, through the same autograd path, on every CPU. Raises
+    `RepackedWeightError` naming the first layer bitsandbytes has ALREADY repacked (before changing
+    anything): call this right after loading a quantized model, before running it. 8-bit layers have
+    no CPU-specific layout and are left as they are. ``prefix``: ``model``'s own name, for the error.
+    """
+    layers = [(name, layer) for name, layer in quantized_linears(model) if quant_kind(layer) == "4bit"]
+    for name, layer in layers:
+        check_standard_layout(layer, ".".join(part for part in (prefix, name) if part))
+    for _, layer in layers:
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    return model
 
 
 def _floating_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -187,21 +226,19 @@ def prepare_kbit_training(model: nn.Module, *, input_require_grads: bool = False
     - ``input_require_grads``: the input embeddings' output requires grad, which re-entrant gradient
       checkpointing needs to reach the experts inside a checkpointed block (the non-re-entrant
       variant, which the recipes use, needs nothing);
-    - 4-bit layers are told not to repack their weights for AVX512-BF16 CPU inference: bitsandbytes
-      repacks them in place at the first no-grad eval forward, and a repacked layer then multiplies
-      without an autograd path to its input, so a later training step would lose every gradient
-      that flows through the base weights.
+    - 4-bit layers keep the standard layout on every CPU (`disable_cpu_repacking`: a repacked layer
+      multiplies without an autograd path to its input, so a later training step would lose every
+      gradient that flows through the base weights).
 
-    Returns ``model``.
+    Returns ``model``; raises `RepackedWeightError` (before changing anything) when bitsandbytes has
+    already repacked a layer.
     """
+    disable_cpu_repacking(model)  # first: a repacked model is refused before anything changes
     for param in model.parameters():
         param.requires_grad_(False)
     for param in _floating_parameters(model):
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
-    for _, layer in quantized_linears(model):
-        if hasattr(layer, "support_avx512bf16_for_cpu"):
-            layer.support_avx512bf16_for_cpu = False
     if input_require_grads:
         if not hasattr(model, "enable_input_require_grads"):
             raise UnsupportedModuleError(
@@ -214,11 +251,14 @@ def prepare_kbit_training(model: nn.Module, *, input_require_grads: bool = False
 
 __all__ = [
     "INSTALL_HINT",
+    "check_standard_layout",
     "compute_dtype",
     "dequantized_weight",
+    "disable_cpu_repacking",
     "is_quantized",
     "prepare_kbit_training",
     "quant_kind",
     "quantized_linears",
+    "repacked_for_cpu",
     "unmap_checkpoint",
 ]

@@ -130,7 +130,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, folder: str | None = None):
     ``model.load_in_4bit`` / ``load_in_8bit``), in eval mode. Safetensors weights only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lomix.quant import unmap_checkpoint
+    from lomix.quant import disable_cpu_repacking, unmap_checkpoint
     from lomix.recipes.quantization import check, quantized_load_kwargs
 
     check(cfg)  # a missing bitsandbytes is named before the GGUF conversion
@@ -152,8 +152,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, folder: str | None = None):
         raise AssetError(
             f"model.name_or_path={cfg.name_or_path!r}: cannot load the model or tokenizer ({exc})"
         ) from None
-    if quantized:  # let the full-precision checkpoint file go (lomix.quant.unmap_checkpoint)
-        unmap_checkpoint(model)
+    if quantized:
+        unmap_checkpoint(model)  # let the full-precision checkpoint file go
+        disable_cpu_repacking(model)  # before any eval forward: the same 4-bit numbers on every CPU
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Callable
@@ -131,3 +132,31 @@ def randomize_experts(model: torch.nn.Module, seed: int = 1, std: float = 0.2) -
             layer.experts.B.copy_(torch.randn(layer.experts.B.shape, generator=generator) * std)
             for param in layer.router.parameters():
                 param.copy_(torch.randn(param.shape, generator=generator))
+
+
+# bitsandbytes takes a CPU-specific path for 4-bit layers: on a CPU with AVX512-BF16 it repacks a
+# weight in place at the first no-grad eval forward (`Linear4bit.support_avx512bf16_for_cpu`, read
+# from this probe when the layer is built). Forcing the probe runs both paths on any CPU.
+BNB_CPU_PATHS = ("standard", "avx512bf16")
+
+
+@contextlib.contextmanager
+def bnb_cpu_path(path: str):
+    """Every bitsandbytes 4-bit layer built inside takes ``path``: ``avx512bf16`` as on a CPU with
+    AVX512-BF16 (repacking on), ``standard`` as on the others (repacking off)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    probe = bnb_modules.has_avx512bf16
+    bnb_modules.has_avx512bf16 = lambda: path == "avx512bf16"
+    try:
+        yield path
+    finally:
+        bnb_modules.has_avx512bf16 = probe
+
+
+@pytest.fixture(params=BNB_CPU_PATHS)
+def cpu_path(request):
+    """Parametrises a test over both bitsandbytes CPU paths (see `bnb_cpu_path`)."""
+    pytest.importorskip("bitsandbytes")
+    with bnb_cpu_path(request.param) as path:
+        yield path

@@ -224,7 +224,7 @@ def test_token_routed_mixtures_and_residuals_are_refused_with_the_options(tmp_pa
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_merged_export_dequantizes_a_bitsandbytes_base_and_says_so(tmp_path, bits):
+def test_merged_export_dequantizes_a_bitsandbytes_base_and_says_so(tmp_path, bits, cpu_path):
     import bitsandbytes.functional as bnbf
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import re
 
 import pytest
 import torch
-from conftest import MODEL_CASES, randomize_experts
+from conftest import BNB_CPU_PATHS, MODEL_CASES, bnb_cpu_path, randomize_experts
 from torch import nn
 
 import lomix
@@ -21,6 +22,7 @@ from lomix.layer import MixtureLinear
 from lomix.quant import (
     compute_dtype,
     dequantized_weight,
+    disable_cpu_repacking,
     is_quantized,
     prepare_kbit_training,
     quantized_linears,
@@ -75,7 +77,7 @@ LAYER_CASES = [
 @pytest.mark.parametrize(("kind", "quant_type", "double", "compute"), LAYER_CASES)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_the_mixture_delta_over_a_quantized_layer_equals_the_delta_over_the_fp32_layer(
-    kind, quant_type, double, compute, training
+    kind, quant_type, double, compute, training, cpu_path
 ):
     """out(quantized) - out(fp32) == base(quantized) - base(fp32): the experts add the same delta."""
     linear = fp32_linear()
@@ -103,7 +105,9 @@ def test_the_mixture_delta_over_a_quantized_layer_equals_the_delta_over_the_fp32
 
 
 @pytest.mark.parametrize(("kind", "quant_type", "double", "compute"), LAYER_CASES)
-def test_gradients_reach_experts_and_router_and_the_input_over_a_quantized_layer(kind, quant_type, double, compute):
+def test_gradients_reach_experts_and_router_and_the_input_over_a_quantized_layer(
+    kind, quant_type, double, compute, cpu_path
+):
     linear = fp32_linear()
     quantized = quantize(linear, kind, quant_type or "nf4", double, DTYPES.get(compute, torch.float32))
     layer = MixtureLinear(quantized, mixture_config(target_modules=["x"])).train()
@@ -139,23 +143,17 @@ def test_dequantized_4bit_weight_is_the_code_table_times_the_block_scale(quant_t
     assert 0 < (weight - linear.weight).abs().max() < 0.2 * linear.weight.abs().max()
 
 
-@pytest.mark.parametrize("double", [False, True])
-def test_dequantized_weight_of_a_layer_repacked_for_cpu_inference(double):
-    """bitsandbytes repacks 4-bit weights in place on AVX512-BF16 CPUs (the repacked layer computes with
-    bf16 block scales): the dequantized weight is the same codes times those bf16 scales."""
+@pytest.mark.parametrize("double", [False, True], ids=["nf4", "nf4-dq"])
+def test_dequantizing_a_layer_bitsandbytes_repacked_is_refused_with_its_shape(double, monkeypatch):
+    """A repacked layer's block scales were rounded to bf16: no dequantized weight equals the standard one."""
     layer = quantize(fp32_linear(), "4bit", "nf4", double)
     before = dequantized_weight(layer)
-    state = layer.weight.quant_state
-    absmax = before.reshape(-1, 64).abs().amax(dim=1)  # each block's largest code is +-1: this is its scale
-    codes_times_scale = before.reshape(-1, 64) / absmax[:, None]
-    packed = copy.deepcopy(layer)
-    packed.weight.data, packed.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
-        packed.weight.data, packed.weight.quant_state
-    )
-    assert packed.weight.quant_state.packing_format_for_cpu and packed.weight.data.shape == (D_OUT, D_IN // 2)
-    expected = (codes_times_scale * absmax.bfloat16().float()[:, None]).reshape(D_OUT, D_IN)
-    torch.testing.assert_close(dequantized_weight(packed), expected, rtol=1e-6, atol=1e-7)
-    assert state is layer.weight.quant_state and torch.equal(dequantized_weight(layer), before)  # untouched
+    repack_as_bitsandbytes_does(layer, monkeypatch)
+    assert layer.weight.quant_state.packing_format_for_cpu and layer.weight.data.shape == (D_OUT, D_IN // 2)
+    with pytest.raises(lomix.RepackedWeightError, match=rf"^Linear4bit \(4-bit, {D_IN} -> {D_OUT}\): bitsandbytes"):
+        dequantized_weight(layer)
+    fresh = quantize(fp32_linear(), "4bit", "nf4", double)
+    torch.testing.assert_close(dequantized_weight(fresh), before, rtol=0, atol=0)
 
 
 def test_dequantized_8bit_weight_is_int8_rows_times_their_scale():
@@ -195,15 +193,29 @@ def test_dequantized_weight_of_plain_layers_and_mixtures_and_what_it_refuses():
 # A whole model quantized by transformers (BitsAndBytesConfig) on the CPU
 
 
+def block_multiple_llama():
+    """A tiny Llama whose every quantized dimension is a multiple of the 4-bit block size (64) and of
+    bitsandbytes' CPU repacking tile (32): on the AVX512-BF16 path bitsandbytes can really repack it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quant") / "llama"
     torch.manual_seed(0)
-    MODEL_CASES["llama"].build().save_pretrained(folder, safe_serialization=True)
+    block_multiple_llama().save_pretrained(folder, safe_serialization=True)
     return folder
 
 
-def load(folder, kind: str | None, dtype=torch.float32, **options):
+def load(folder, kind: str | None, dtype=torch.float32, *, standard_layout: bool = True, **options):
+    """``folder`` quantized as asked, in eval mode. ``standard_layout``: call `disable_cpu_repacking` as
+    lomix's own model loading does (False: the model as transformers returns it)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if kind is None:
@@ -212,7 +224,8 @@ def load(folder, kind: str | None, dtype=torch.float32, **options):
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, **options)
     else:
         config = BitsAndBytesConfig(load_in_8bit=True, **options)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=config).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=config).eval()
+    return disable_cpu_repacking(model) if standard_layout else model
 
 
 def fp32_twin(folder, quantized: nn.Module) -> nn.Module:
@@ -246,7 +259,9 @@ QUANT_KINDS = [
 
 
 @pytest.mark.parametrize(("kind", "options"), QUANT_KINDS)
-def test_a_mixture_over_a_quantized_model_matches_the_fp32_model_of_its_dequantized_weights(llama_dir, kind, options):
+def test_a_mixture_over_a_quantized_model_matches_the_fp32_model_of_its_dequantized_weights(
+    llama_dir, kind, options, cpu_path
+):
     """Logits, loss and every expert and router gradient equal those of the same mixture over the fp32
     twin (training mode: bitsandbytes multiplies by the dequantized weight on a CPU when training)."""
     quantized = load(llama_dir, kind, **options)
@@ -269,11 +284,13 @@ def test_a_mixture_over_a_quantized_model_matches_the_fp32_model_of_its_dequanti
     assert sorted(grads_q) == sorted(grads_fp) and all(".experts." in n or ".router." in n for n in grads_q)
     for name, grad in grads_q.items():
         assert grad is not None and grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, grads_fp[name], rtol=1e-3, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, grads_fp[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(("kind", "options"), QUANT_KINDS)
-def test_training_steps_change_experts_and_routers_never_the_quantized_base(llama_dir, kind, options, tmp_path):
+def test_training_steps_change_experts_and_routers_never_the_quantized_base(
+    llama_dir, kind, options, tmp_path, cpu_path
+):
     model = load(llama_dir, kind, **options)
     prepare_kbit_training(model)
     lomix.inject(model, mixture_config())
@@ -309,7 +326,9 @@ def test_training_steps_change_experts_and_routers_never_the_quantized_base(llam
 
 
 @pytest.mark.parametrize(("kind", "options"), QUANT_KINDS[::2])
-def test_save_then_load_into_a_freshly_quantized_base_gives_the_same_logits(llama_dir, kind, options, tmp_path):
+def test_save_then_load_into_a_freshly_quantized_base_gives_the_same_logits(
+    llama_dir, kind, options, tmp_path, cpu_path
+):
     model = load(llama_dir, kind, **options)
     prepare_kbit_training(model)
     lomix.inject(model, mixture_config())
@@ -371,7 +390,7 @@ def test_re_entrant_checkpointing_over_a_quantized_base_gives_the_plain_gradient
         prepare_kbit_training(nn.Sequential(nn.Linear(2, 2)), input_require_grads=True)
 
 
-def test_unmap_checkpoint_lets_the_full_precision_file_go(llama_dir, tmp_path):
+def test_unmap_checkpoint_lets_the_full_precision_file_go(llama_dir, tmp_path, cpu_path):
     import shutil
 
     folder = shutil.copytree(llama_dir, tmp_path / "own")  # a file no other test's model maps
@@ -390,3 +409,266 @@ def test_unmap_checkpoint_lets_the_full_precision_file_go(llama_dir, tmp_path):
     assert not mapped()
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# bitsandbytes' AVX512-BF16 CPU path: lomix never lets it repack, and refuses what it repacked before
+
+
+def repack_as_bitsandbytes_does(model: nn.Module, monkeypatch) -> list[str]:
+    """Run every 4-bit layer's own forward once in eval mode without gradients with its AVX512-BF16
+    switch on, as the first evaluation does on such a CPU: bitsandbytes repacks the weight in place
+    before it multiplies. The multiplication is stubbed out (its packed-layout kernel exists only on
+    such CPUs, and only the repacking matters here), so this runs on any CPU. Returns the layers' names."""
+    import bitsandbytes
+
+    def no_matmul(x, weight, bias=None, quant_state=None):
+        return x.new_zeros(*x.shape[:-1], quant_state.shape[0])
+
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", no_matmul)
+    names = []
+    for name, layer in quantized_linears(model):
+        if isinstance(layer, Linear4bit):
+            layer.eval().support_avx512bf16_for_cpu = True
+            with torch.no_grad():
+                layer(torch.zeros(1, layer.in_features))
+            names.append(name)
+    monkeypatch.undo()
+    return names
+
+
+def first_4bit_layer(model: nn.Module) -> tuple[str, str]:
+    """(name, "in -> out") of the model's first 4-bit layer, as errors name it."""
+    name, layer = next(iter(quantized_linears(model)))
+    return name, f"{layer.in_features} -> {layer.out_features}"
+
+
+def repacked(model: nn.Module) -> list[str]:
+    """Names of the model's layers bitsandbytes has repacked for AVX512-BF16 CPU inference."""
+    states = ((name, getattr(layer.weight, "quant_state", None)) for name, layer in quantized_linears(model))
+    return [name for name, state in states if getattr(state, "packing_format_for_cpu", False)]
+
+
+NF4 = [
+    pytest.param({"bnb_4bit_quant_type": "nf4"}, id="nf4"),
+    pytest.param({"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}, id="nf4-dq"),
+]
+FIXED = dict(router=lomix.router_config("fixed", experts=[0, 2], weights=[0.75, 0.25]))
+
+
+@pytest.mark.parametrize("options", NF4)
+def test_the_avx512bf16_path_repacks_in_place_unless_lomix_turned_it_off(llama_dir, options, monkeypatch):
+    """The hazard is real (so the tests below check something): on the AVX512-BF16 path a no-grad eval
+    forward repacks every 4-bit layer of a model as transformers returns it; after
+    `disable_cpu_repacking` a whole model's no-grad eval forward repacks none, on either path."""
+    with bnb_cpu_path("avx512bf16"):
+        model = load(llama_dir, "4bit", standard_layout=False, **options)
+        assert all(layer.support_avx512bf16_for_cpu for _, layer in quantized_linears(model))
+        names = repack_as_bitsandbytes_does(model, monkeypatch)
+        assert len(names) == 2 * len(LLAMA_TARGETS) and repacked(model) == names
+    for path in BNB_CPU_PATHS:
+        with bnb_cpu_path(path):
+            model = disable_cpu_repacking(load(llama_dir, "4bit", standard_layout=False, **options))
+            with torch.no_grad():
+                model(**{k: v for k, v in batch().items() if k != "labels"})
+            assert repacked(model) == [], path
+
+
+def load_fresh_mixture(tmp_path):
+    """A saved mixture (fp32 base) to load into a quantized model."""
+    folder = tmp_path / "saved"
+    if not folder.exists():
+        lomix.save(lomix.inject(block_multiple_llama(), mixture_config()), folder)
+    return folder
+
+
+REFUSING_ENTRY_POINTS = {
+    "inject": lambda model, tmp_path: lomix.inject(model, mixture_config()),
+    "prepare_kbit_training": lambda model, tmp_path: prepare_kbit_training(model),
+    "load": lambda model, tmp_path: lomix.load(model, load_fresh_mixture(tmp_path)),
+    "disable_cpu_repacking": lambda model, tmp_path: disable_cpu_repacking(model),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(REFUSING_ENTRY_POINTS))
+@pytest.mark.parametrize("options", NF4)
+def test_a_model_bitsandbytes_repacked_before_lomix_saw_it_is_refused_by_layer_name_and_shape(
+    llama_dir, options, entry, tmp_path, monkeypatch
+):
+    """Repacking rounded the block scales to bf16: nothing lomix computes from such a model could equal
+    the standard layout's numbers, so every entry point refuses it, naming the layer and its shape,
+    before changing the model."""
+    model = load(llama_dir, "4bit", standard_layout=False, **options)
+    repack_as_bitsandbytes_does(model, monkeypatch)
+    name, shape = first_4bit_layer(model)
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    dtypes = [p.dtype for p in model.parameters()]
+    message = rf"^{re.escape(name)} \(4-bit, {shape}\): bitsandbytes already repacked"
+    with pytest.raises(lomix.RepackedWeightError, match=message):
+        REFUSING_ENTRY_POINTS[entry](model, tmp_path)
+    assert getattr(model, "lomix_state", None) is None
+    assert not any(isinstance(m, MixtureLinear) for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == requires_grad
+    assert [p.dtype for p in model.parameters()] == dtypes
+
+
+@pytest.mark.parametrize("options", NF4)
+def test_a_layer_repacked_after_injection_is_refused_by_merged_export_and_never_touched_by_save(
+    llama_dir, options, tmp_path, monkeypatch
+):
+    """If the switch is turned back on by hand and a weight repacked inside a mixture: `export_merged`
+    refuses it by name; `lomix.save` writes the same mixture as before and leaves the packed base as it
+    was (bitsandbytes converts a packed weight in place when asked for its state: lomix never asks)."""
+    from safetensors.torch import load_file
+
+    from lomix.export import export_merged
+
+    model = lomix.inject(load(llama_dir, "4bit", **options), mixture_config(**FIXED))
+    randomize_experts(model, std=0.3)
+    lomix.save(model, tmp_path / "before")
+    repack_as_bitsandbytes_does(model, monkeypatch)
+    packed = {n: (q.weight.data.clone(), q.weight.quant_state.absmax.clone()) for n, q in quantized_linears(model)}
+    lomix.save(model, tmp_path / "after")
+    before, after = (load_file(tmp_path / f / lomix.WEIGHTS_NAME) for f in ("before", "after"))
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    for name, layer in quantized_linears(model):
+        assert layer.weight.quant_state.packing_format_for_cpu, name
+        data, absmax = packed[name]
+        assert torch.equal(layer.weight.data, data) and torch.equal(layer.weight.quant_state.absmax, absmax)
+    name, shape = first_4bit_layer(model)
+    with pytest.raises(lomix.RepackedWeightError, match=rf"^{re.escape(name)} \(4-bit, {shape}\)"):
+        export_merged(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+LIFECYCLE_KINDS = [
+    pytest.param("4bit", {"bnb_4bit_quant_type": "nf4"}, id="nf4"),
+    pytest.param("4bit", {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}, id="nf4-dq"),
+    pytest.param("8bit", {}, id="int8"),
+]
+
+
+def on_both_cpu_paths(flow) -> list:
+    """``flow()`` on the standard and the AVX512-BF16 path; asserts no layer got repacked on either."""
+    results = []
+    for path in BNB_CPU_PATHS:
+        with bnb_cpu_path(path):
+            torch.manual_seed(0)  # the same mixture initialisation on both paths
+            model, result = flow(path)
+            assert repacked(model) == [], path
+            results.append(result)
+    return results
+
+
+def assert_identical(results: list[dict[str, torch.Tensor]]) -> None:
+    standard, avx = results
+    assert sorted(standard) == sorted(avx) and standard
+    for key, tensor in standard.items():
+        assert torch.equal(tensor, avx[key]), key
+
+
+def evaluated_mixture(llama_dir, kind, options, **config):
+    """What a user has after loading a quantized base (as transformers returns it), injecting a mixture
+    and evaluating it once without gradients: the moment bitsandbytes would repack."""
+    model = lomix.inject(load(llama_dir, kind, standard_layout=False, **options), mixture_config(**config))
+    randomize_experts(model, std=0.3)
+    with torch.no_grad():
+        logits = model.eval()(**{k: v for k, v in batch().items() if k != "labels"}).logits
+    return model, logits
+
+
+def train_step_gradients(model) -> dict[str, torch.Tensor]:
+    model.train()
+    out = model(**batch(1))
+    (out.loss + lomix.aux_loss(model)).backward()
+    return {"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
+
+
+@pytest.mark.parametrize(("kind", "options"), LIFECYCLE_KINDS)
+def test_saving_after_an_evaluation_gives_the_same_mixture_on_both_cpu_paths(llama_dir, kind, options, tmp_path):
+    from safetensors.torch import load_file
+
+    def flow(path):
+        model, logits = evaluated_mixture(llama_dir, kind, options)
+        lomix.save(model, tmp_path / path)
+        weights = {f"base:{n}": dequantized_weight(layer) for n, layer in quantized_linears(model)}
+        return model, {"logits": logits, **load_file(tmp_path / path / lomix.WEIGHTS_NAME), **weights}
+
+    assert_identical(on_both_cpu_paths(flow))
+
+
+@pytest.mark.parametrize(("kind", "options"), LIFECYCLE_KINDS)
+def test_merged_export_after_an_evaluation_gives_the_same_weights_on_both_cpu_paths(llama_dir, kind, options, tmp_path):
+    from safetensors.torch import load_file
+
+    from lomix.export import export_merged
+
+    def flow(path):
+        model, logits = evaluated_mixture(llama_dir, kind, options, **FIXED)
+        export_merged(model, tmp_path / path)
+        return model, {"logits": logits, **load_file(tmp_path / path / "model.safetensors")}
+
+    assert_identical(on_both_cpu_paths(flow))
+
+
+@pytest.mark.parametrize(("kind", "options"), LIFECYCLE_KINDS)
+def test_back_to_training_after_an_evaluation_gives_the_same_gradients_on_both_cpu_paths(llama_dir, kind, options):
+    """bitsandbytes' repacked layer multiplies without an autograd path to its input: had it repacked,
+    every gradient flowing back through a base weight would be lost (the first layers' experts would
+    get only part of theirs). The fp32 twin of the dequantized weights is the reference."""
+
+    models = []
+
+    def flow(path):
+        models.append(evaluated_mixture(llama_dir, kind, options)[0])
+        return models[-1], train_step_gradients(models[-1])
+
+    results = on_both_cpu_paths(flow)
+    assert_identical(results)
+    twin = lomix.inject(fp32_twin(llama_dir, models[0]), mixture_config())
+    copy_mixture(models[0], twin)
+    expected = train_step_gradients(twin)
+    for name, grad in results[0].items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("kind", "options"), LIFECYCLE_KINDS)
+def test_prepare_kbit_training_after_a_base_evaluation_gives_the_same_gradients_on_both_cpu_paths(
+    llama_dir, kind, options
+):
+    """The recipes' order: load (lomix's loader keeps the standard layout), evaluate the base, then
+    prepare, inject and train."""
+
+    def flow(path):
+        model = load(llama_dir, kind, **options)
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch().items() if k != "labels"}).logits
+        prepare_kbit_training(model)
+        lomix.inject(model, mixture_config())
+        randomize_experts(model, std=0.3)
+        return model, {"base_logits": logits, **train_step_gradients(model)}
+
+    assert_identical(on_both_cpu_paths(flow))
+
+
+def test_layers_bitsandbytes_cannot_repack_run_under_lomix_on_both_cpu_paths(tmp_path, monkeypatch):
+    """bitsandbytes' repacking cannot handle in_features below the block size (64) or out_features that
+    are not a multiple of 32 (a reshape traceback): under lomix such layers never repack, so a tiny model
+    of those shapes evaluates, and gives the same logits, on both paths."""
+    torch.manual_seed(0)
+    MODEL_CASES["llama"].build().save_pretrained(tmp_path / "tiny", safe_serialization=True)
+    with bnb_cpu_path("avx512bf16"):
+        plain = load(tmp_path / "tiny", "4bit", standard_layout=False)
+        layer = next(layer for _, layer in quantized_linears(plain))
+        assert layer.in_features < 64
+        with pytest.raises((RuntimeError, AssertionError)):  # what a user saw without lomix
+            repack_as_bitsandbytes_does(plain, monkeypatch)
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+
+    def flow(path):
+        model = lomix.inject(load(tmp_path / "tiny", "4bit", standard_layout=False), mixture_config())
+        randomize_experts(model, std=0.3)
+        with torch.no_grad():
+            return model, {"logits": model.eval()(**inputs).logits}
+
+    assert_identical(on_both_cpu_paths(flow))

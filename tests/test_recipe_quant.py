@@ -163,7 +163,7 @@ def _reset():
     AcceleratorState._reset_state(True)
 
 
-def test_a_gguf_models_cached_copy_loads_quantized(assets, tmp_path):
+def test_a_gguf_models_cached_copy_loads_quantized(assets, tmp_path, cpu_path):
     """The safetensors copy of a GGUF model keeps the GGUF file's quantization_config in its config.json;
     transformers refuses to combine it with a BitsAndBytesConfig unless the stale entry is dropped."""
     import json
@@ -191,7 +191,9 @@ def test_a_gguf_models_cached_copy_loads_quantized(assets, tmp_path):
     ],
     ids=["nf4", "int8"],
 )
-def test_a_quantized_base_trains_saves_and_reloads_to_the_same_logits(assets, tmp_path, model, optimizer, layer_type):
+def test_a_quantized_base_trains_saves_and_reloads_to_the_same_logits(
+    assets, tmp_path, model, optimizer, layer_type, cpu_path
+):
     cfg = config(assets, tmp_path / "run", model, optimizer=optimizer)
     base, _ = load_model_and_tokenizer(cfg.model)
     weights = {name: dequantized_weight(layer) for name, layer in quantized_linears(base)}
@@ -219,7 +221,7 @@ def test_a_quantized_base_trains_saves_and_reloads_to_the_same_logits(assets, tm
 
 
 @pytest.mark.slow
-def test_a_4bit_run_with_an_8bit_optimizer_resumes_exactly_and_evaluates_again(assets, tmp_path):
+def test_a_4bit_run_with_an_8bit_optimizer_resumes_exactly_and_evaluates_again(assets, tmp_path, cpu_path):
     """accelerate checkpoints bitsandbytes' optimizer state with the mixture: the resumed steps repeat
     the uninterrupted run's losses. The evaluation recipe reloads the run over a freshly quantized
     base and reproduces the run's own final evaluation."""
