@@ -182,7 +182,7 @@ def test_config_files_give_a_valid_config_or_a_lomix_error(content):
 
 @settings(max_examples=15)
 @given(overrides)
-def test_train_dry_run_prints_the_config_or_one_error_line(items):
+def test_train_dry_run_prints_the_config_or_an_error_never_a_traceback(items):
     """The CLI front: exit 0 with the resolved YAML, or exit 2 with an 'error:' message; no traceback."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.yaml"
