@@ -145,6 +145,23 @@ def _load_tensors(directory: Path, model: nn.Module, tensors: dict[str, torch.Te
             target.copy_(tensors[key])
 
 
+def _check_bank_sizes(directory: Path, config: MixtureConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """The config's expert count and rank against the file's expert tensors, before anything is built:
+    a damaged config (num_experts: 1099511627776) must not make `inject` try to allocate its bank."""
+    for key, tensor in tensors.items():
+        if not key.endswith((".experts.A", ".experts.B")):
+            continue
+        layer = key.rsplit(".", 2)[0]
+        mapping = config.merged.expert_map.get(layer) if config.merged is not None else None
+        experts = config.num_experts if mapping is None else max(mapping) + 1
+        rank = tensor.shape[1] if key.endswith(".A") else tensor.shape[-1]
+        if tensor.dim() != 3 or tensor.shape[0] != experts or rank != config.rank:
+            raise ShapeMismatchError(
+                f"{directory / WEIGHTS_NAME}: tensor {key} has shape {tuple(tensor.shape)}, but {CONFIG_NAME} says "
+                f"{experts} experts of rank {config.rank}"
+            )
+
+
 def load(base_model: nn.Module, directory: str | Path, *, trainable: bool = False) -> nn.Module:
     """Inject the mixture saved in ``directory`` into ``base_model`` and load its weights.
 
@@ -155,6 +172,7 @@ def load(base_model: nn.Module, directory: str | Path, *, trainable: bool = Fals
     config = read_config(directory)
     tensors, metadata = read_weights(directory)
     _check_base(directory, metadata, base_model)
+    _check_bank_sizes(directory, config, tensors)
     try:
         inject(base_model, config)
     except TargetModulesNotFoundError as exc:

@@ -26,7 +26,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(path or cls.__name__, f"expected a mapping of fields, got {type(data).__name__}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=repr)  # YAML keys may be numbers or null too
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
         raise ConfigError(where, f"unknown key; valid keys here are: {', '.join(sorted(fields))}")
@@ -101,7 +101,8 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping, got {value!r}")
-        return dict(value)
+        key_tp, value_tp = get_args(tp) or (Any, Any)
+        return {coerce(key_tp, k, f"{path} key {k!r}"): coerce(value_tp, v, f"{path}.{k}") for k, v in value.items()}
     if isinstance(tp, type) and hasattr(tp, "from_config_dict"):
         # Polymorphic configs (a router's config is chosen by its "name") build themselves.
         return tp.from_config_dict(value, path)

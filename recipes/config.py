@@ -446,7 +446,7 @@ class FinetuneConfig:
         return data
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,7 +457,11 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
-_Loader.add_implicit_resolver(
+class _Dumper(yaml.SafeDumper):
+    """Writes what `_Loader` reads back: a string such as '1e5' is quoted, not left to turn into a float."""
+
+
+_FLOAT = (
     "tag:yaml.org,2002:float",
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -469,12 +473,16 @@ _Loader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+_Loader.add_implicit_resolver(*_FLOAT)
+_Dumper.add_implicit_resolver(*_FLOAT)
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
+    # PyYAML's constructors raise plain ValueError / IndexError / ... for a malformed tagged scalar
+    # (`!!float x`, `!!float` alone): bad YAML all the same.
+    except (yaml.YAMLError, ValueError, TypeError, IndexError, OverflowError) as exc:
         raise ConfigError(source, f"not valid YAML ({exc})") from None
 
 

@@ -10,11 +10,26 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 # Without a GPU, Triton kernels run under the interpreter. Triton reads this variable when it is
 # first imported, and some dependencies (bitsandbytes, peft) import it early: set it first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Property-based tests (hypothesis): the same examples on every run (derandomize, no example
+# database), a modest count so the suite stays fast, and no per-example deadline (a shared 2-core
+# machine makes timings meaningless). Tests that build models lower max_examples further.
+settings.register_profile(
+    "lomix",
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("lomix")
 
 
 @dataclass

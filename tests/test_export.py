@@ -261,3 +261,30 @@ def test_merged_export_dequantizes_a_bitsandbytes_base_and_says_so(tmp_path, bit
         reference, got = model(**inputs).logits, merged(**inputs).logits
     # 4-bit layers compute with the dequantized weight: equal; LLM.int8 also quantizes activations
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5 if bits == 4 else 2e-2)
+
+
+def test_the_same_experts_with_per_token_gates_is_not_a_fixed_route(tmp_path):
+    """`dense` sends every token to ALL experts (identical indices) with its own softmax gates: the
+    indices alone would call that a fixed route and export a wrong LoRA; the gates must decide."""
+    mc = MODEL_CASES["llama"]
+    model, _ = build_pair(mc)
+    config = lomix.MixtureConfig(
+        target_modules=["q_proj", "down_proj"], num_experts=3, rank=2, router={"name": "dense"}
+    )
+    lomix.inject(model, config)
+    randomize_experts(model)  # random router weights: every token gets other gates
+    with pytest.raises(NotFixedRouteError, match=r"router 'dense' routes each token on its own.*--format lomix"):
+        export_peft(model, tmp_path / "peft")
+    with pytest.raises(NotFixedRouteError, match=r"router 'dense' routes each token on its own"):
+        export_merged(model, tmp_path / "merged")
+    assert not (tmp_path / "peft").exists() and not (tmp_path / "merged").exists()
+    # The same router with a zero weight gives every token the gates 1/E: now it IS one LoRA, the
+    # experts' mean (so the refusal above came from the gates, not from the router's name).
+    with torch.no_grad():
+        for _, layer in lomix.mixture_layers(model):
+            layer.router.weight.zero_()
+    for name, lora in fixed_loras(model).items():
+        layer = model.get_submodule(name)
+        A, B = layer.experts.A.detach().double(), layer.experts.B.detach().double()
+        expected = layer.scale * sum(B[e] @ A[e] for e in range(3)) / 3
+        torch.testing.assert_close(lora.delta(), expected, rtol=1e-6, atol=1e-7)

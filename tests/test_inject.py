@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from conftest import MODEL_CASES, build_pair, randomize_experts
@@ -187,3 +189,64 @@ def test_loading_into_a_model_in_eval_mode_routes_without_training_noise(llama_c
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
     training = lomix.inject(build_pair(llama_case)[0].train(), config)  # a base in training mode keeps training
     assert all(layer.training for _, layer in lomix.mixture_layers(training))
+
+
+def test_load_trainable_continues_training_exactly_like_the_saved_model(llama_case, tmp_path):
+    """``trainable=True``: exactly the experts and routers train (the base stays frozen), and one
+    optimizer step on the loaded mixture equals one step on the model that was saved."""
+    model, fresh = build_pair(llama_case)
+    lomix.inject(model, mixture_config(llama_case, target_modules=["q_proj", "up_proj"]))
+    randomize_experts(model)
+    lomix.save(model, tmp_path / "mixture")
+    loaded = lomix.load(fresh, tmp_path / "mixture", trainable=True)
+    trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    assert trainable == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {id(p) for p in loaded.parameters() if p.requires_grad} == {id(p) for p in lomix.mixture_parameters(loaded)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    inputs = llama_case.inputs(torch.Generator().manual_seed(0))
+    for m in (model, loaded):
+        m.train()
+        optimizer = torch.optim.AdamW(lomix.parameter_groups(m, lr=1e-2))
+        (m(**inputs).logits.square().mean() + lomix.aux_loss(m)).backward()
+        optimizer.step()
+    after = dict(loaded.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(after[name], param, rtol=0, atol=0, msg=name)
+        if name in before:
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+
+
+@pytest.mark.parametrize(("k", "renormalize"), [(2, True), (3, False), (4, True)])
+def test_topk_layer_output_is_the_routed_sum_over_the_k_best_experts(k, renormalize):
+    """A top-k layer's output for k > 1 against y = W x + b + s * sum_{e in topk(p)} g_e B_e A_e x,
+    p = softmax(W_r x), g = p_topk (/ their sum), one token at a time in float64."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)
+    config = lomix.MixtureConfig(
+        target_modules=["layer"],
+        num_experts=5,
+        rank=3,
+        alpha=6.0,
+        router=lomix.router_config("topk", k=k, renormalize=renormalize),
+    )
+    model = lomix.inject(torch.nn.Sequential(collections.OrderedDict(layer=base)), config)
+    layer = model.layer
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.experts.B.copy_(torch.randn(layer.experts.B.shape, generator=generator))
+        layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=generator))
+    x = torch.randn(2, 4, 12, generator=generator)
+    y = model(x)
+    W, b = base.weight.detach().double(), base.bias.detach().double()
+    A, B, W_r = (t.detach().double() for t in (layer.experts.A, layer.experts.B, layer.router.weight))
+    expected = torch.empty(2, 4, 10, dtype=torch.float64)
+    for i in range(2):
+        for t in range(4):
+            token = x[i, t].double()
+            p = torch.softmax(W_r @ token, dim=0)
+            best = sorted(range(5), key=lambda e: -float(p[e]))[:k]
+            total = sum(float(p[e]) for e in best) if renormalize else 1.0
+            delta = sum(float(p[e]) / total * (B[e] @ (A[e] @ token)) for e in best)
+            expected[i, t] = W @ token + b + 2.0 * delta  # s = alpha / r = 2
+    assert (expected - (x.double() @ W.T + b)).abs().max() > 0.1  # the experts matter
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)

@@ -18,9 +18,20 @@ import lomix.kernels as kernels  # noqa: E402
 from lomix.kernels import triton_backend  # noqa: E402
 from lomix.kernels.torch_backend import mixture_lora_dense  # noqa: E402
 
-# (tolerance for forward/dx/dgates, tolerance for dA/dB) per dtype; fp16/bf16 round operands to
-# 10 and 7 mantissa bits and reorder sums (atomics), the reference computes in fp32.
-TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-2, 3e-2), torch.bfloat16: (6e-2, 1e-1)}
+# rtol = atol per output and dtype. fp16/bf16 round the operands to 10 and 7 mantissa bits (the
+# reference computes in fp32) and reorder sums (atomics). Set at 2-3x what the kernels achieve on
+# test_half_precision_inputs' problem: the smallest t with |ours - ref| <= t + t |ref| measured under
+# TRITON_INTERPRET=1 for the masked strategy (its GEMMs round to half precision as a GPU's tensor cores
+# do for both strategies; the interpreter runs the sorted kernels in fp32, error ~1e-6) was
+#   bf16: out 8.6e-3, dx 8.1e-3, dgates 1.3e-2, dA 2.0e-2, dB 1.0e-2 (seeds 1, 2: at most 9.7e-3,
+#         9.7e-3, 2.2e-2, 3.1e-2, 1.6e-2)
+#   fp16: out 9.5e-4, dx 7.4e-4, dgates 1.8e-3, dA 2.3e-3, dB 9.5e-4 (seeds 1, 2: at most 9.4e-4,
+#         1.6e-3, 2.6e-3, 3.1e-3, 1.2e-3)
+TOLERANCE = {
+    torch.float32: dict.fromkeys(("out", "dx", "dA", "dB", "dgates"), 1e-5),
+    torch.float16: {"out": 3e-3, "dx": 3e-3, "dgates": 5e-3, "dA": 6e-3, "dB": 3e-3},
+    torch.bfloat16: {"out": 2e-2, "dx": 2e-2, "dgates": 3e-2, "dA": 5e-2, "dB": 3e-2},
+}
 
 
 def problem(tokens, d_in, d_out, rank, experts, k, dtype=torch.float32, seed=0, indices=None):
@@ -64,9 +75,8 @@ def assert_matches(tokens, d_in, d_out, rank, experts, k, dtype=torch.float32, i
 
     ours = run(triton_fn, *data)
     ref = run(reference, *data)
-    tol, weight_tol = TOLERANCE[dtype]
     for name, a, b in zip(("out", "dx", "dA", "dB", "dgates"), ours, ref, strict=True):
-        t = weight_tol if name in ("dA", "dB") else tol
+        t = TOLERANCE[dtype][name]
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a.float(), b.float(), rtol=t, atol=t, msg=f"{name} differs ({dtype}, {strategy})")
 

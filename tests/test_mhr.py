@@ -178,6 +178,28 @@ def test_weights_are_sigmoid_normalised_per_head_and_noisy_only_in_training():
     torch.testing.assert_close(plain(x, context).weights, weights)
 
 
+@pytest.mark.parametrize("temperature", [0.25, 3.0])
+def test_training_noise_is_the_gumbel_sigmoid_at_the_configured_temperature(temperature):
+    """z = sigmoid((Z[t] + log u - log(1 - u)) / tau), u ~ U(0, 1), per head normalised (METHODS.md 1),
+    replayed from the same RNG state with the configured tau; tau = 1 (the default) would differ."""
+    r = router(temperature=temperature).train()
+    task_ids = torch.tensor([0, 2, 2, 1])
+    x = torch.randn(4, 3, 16)
+    torch.manual_seed(21)
+    weights = r(x, RoutingContext(task_ids=task_ids)).weights
+    torch.manual_seed(21)
+    eps = torch.finfo(torch.float32).eps
+    u = torch.rand(4, 4, 5).clamp(eps, 1 - eps)
+    logits = r.logits.detach()[task_ids]
+
+    def normalised(tau):
+        z = torch.sigmoid((logits + u.log() - (-u).log1p()) / tau)
+        return z / (z.sum(-1, keepdim=True) + 1e-12)
+
+    torch.testing.assert_close(weights, normalised(temperature), rtol=1e-5, atol=1e-6)
+    assert (weights - normalised(1.0)).abs().max() > 0.05, "the temperature must matter for this test to mean anything"
+
+
 def test_unknown_or_missing_task_ids_are_an_error_unless_the_uniform_fallback_is_set():
     x = torch.randn(3, 2, 16)
     r = router()

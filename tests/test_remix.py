@@ -339,6 +339,42 @@ def test_rloo_is_an_unbiased_estimate_of_the_exact_router_gradient(granularity, 
     assert ((biased - exact) / se).abs().max() > 6.0, "the test cannot tell a biased estimator apart"
 
 
+def test_token_granularity_log_q_of_a_row_sums_its_real_tokens_only():
+    """Per-token routing: a row's log Q is the sum, over layers and over its REAL tokens, of each
+    token's log-probability of its sampled selection; padded tokens' selections change nothing and
+    are left out. (The unbiasedness test cannot see this: padding adds variance, not bias.)"""
+    model = mixture("token").train()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 3, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    inputs = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0].detach()))
+        for name, layer in lomix.mixture_layers(model)
+    ]
+    with lomix.rloo.recording(model):
+        model(x, attention_mask=mask)
+        log_q = lomix.rloo.selection_log_prob(model, 3)
+        routings = {name: layer.last_routing for name, layer in lomix.mixture_layers(model)}
+    for hook in hooks:
+        hook.remove()
+    expected = torch.zeros(3, dtype=torch.float64)
+    padded = torch.zeros(3, dtype=torch.float64)
+    for name, layer in lomix.mixture_layers(model):
+        logits = inputs[name].reshape(-1, 3) @ layer.router.weight.detach().T  # (12, E): each token's own logits
+        selections = routings[name].indices
+        for token in range(12):
+            row, position = divmod(token, 4)
+            term = product_log_q(logits[token], selections[token].tolist())
+            if mask[row, position]:
+                expected[row] += term
+            else:
+                padded[row] += term
+    torch.testing.assert_close(log_q.double(), expected, atol=1e-4, rtol=1e-5)
+    # the padded tokens did sample selections of non-zero log-probability: counting them would differ
+    assert (padded[1:].abs() > 0.5).all() and padded[0] == 0
+
+
 def test_selection_log_prob_needs_a_sampling_router_in_training():
     model = mixture("token").eval()
     with lomix.rloo.recording(model):

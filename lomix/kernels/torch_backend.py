@@ -76,7 +76,9 @@ def mixture_lora_sorted(
     for expert, segment in enumerate(rows):
         if segment.shape[0]:
             outputs.append((segment @ A[expert].t()) @ B[expert].t())
-    pairs_out = torch.cat(outputs) * gate_of_pair.unsqueeze(-1)
+    # No tokens (an empty batch): an empty (0, d_out) product keeps the graph to x, A and B.
+    pairs = torch.cat(outputs) if outputs else (x[:0] @ A[0].t()) @ B[0].t()
+    pairs_out = pairs * gate_of_pair.unsqueeze(-1)
     if out is None:
         out = x.new_zeros(tokens, B.shape[1])
     return out.index_add(0, token_of_pair, pairs_out)

@@ -85,7 +85,7 @@ def available_routers() -> list[str]:
 def router_class(name: str) -> type[Router]:
     try:
         return _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name from a config file (a list)
         raise ConfigError(
             "router.name", f"unknown router {name!r}; available: {', '.join(available_routers())}"
         ) from None
