@@ -475,14 +475,32 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(source, f"not valid YAML ({exc})") from None
+        raise ConfigError(source, f"not valid YAML ({yaml_problem(exc)})") from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: 'line L, column C: problem' (its own text spans several lines
+    and quotes the snippet with a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = " ".join((f"{context}; {problem}" if context else problem).split())
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        text += " (lomix configs are plain YAML: no tags)"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else text
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "no such config file")
-    data = parse_yaml(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(path), f"not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start]:#04x}); save it as UTF-8"
+        ) from None
+    data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
