@@ -382,11 +382,29 @@ def flat_config(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def trim_log(path: Path, step: int) -> None:
-    """On resume, keep only the log lines of steps already done (the rest will be redone)."""
+    """On resume, keep only the log lines of steps already done (the rest will be redone).
+
+    The log is appended line by line, so a run killed while appending leaves its last line cut: that
+    line is dropped with a notice. A broken line anywhere else is damage lomix did not cause: an error.
+    """
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in lines))
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+            done = record["step"] <= step
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if number < len(lines):
+                raise CheckpointError(f"{path}: line {number} is not a log record; fix or remove it") from None
+            print(f"lomix: dropped the cut last line of {path} (the run was killed while logging)", flush=True)
+            continue
+        if done:
+            kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_jsonl
 
-from lomix.errors import ConfigError
+from lomix.errors import CheckpointError, ConfigError
 from lomix.recipes import finetune
 from lomix.recipes.config import TrainConfig, build_config
 
@@ -204,3 +205,36 @@ def test_batches_carry_task_ids_and_descriptions_to_every_router(assets, tmp_pat
         assert groups == pytest.approx({"experts": 2e-2 / 2, "routers": 0.5 / 2})
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_a_cut_last_log_line_is_dropped_with_a_notice(tmp_path, capsys):
+    """A kill during the log append leaves half a line (issue 25, item 1); resume drops it."""
+    records = [{"step": s, "loss": 1.0 / s, "routing": {"layer": {"load": [0.25] * 4}}} for s in (1, 2, 3)]
+    lines = [json.dumps(r) for r in records]
+    log = tmp_path / "log.jsonl"
+    for cut in (1, len(lines[2]) // 2, len(lines[2]) - 1):  # any strict prefix of the last record
+        log.write_text("".join(line + "\n" for line in lines[:2]) + lines[2][:cut])
+        finetune.trim_log(log, 2)
+        assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+        notice = capsys.readouterr().out
+        assert notice.count("\n") == 1 and "dropped the cut last line of" in notice and str(log) in notice
+    log.write_text("".join(line + "\n" for line in lines))  # a complete log: trimmed to the step, silently
+    finetune.trim_log(log, 1)
+    assert log.read_text() == lines[0] + "\n" and capsys.readouterr().out == ""
+    log.write_text(lines[0] + "\n" + lines[1][:10] + "\n" + lines[2] + "\n")  # damage in the middle is not ours
+    with pytest.raises(CheckpointError, match=r"log.jsonl: line 2 is not a log record"):
+        finetune.trim_log(log, 3)
+
+
+def test_resume_in_place_after_a_cut_log_line_continues_exactly(assets, tmp_path, run_recipe):
+    full = run_recipe(config(assets, tmp_path / "full", train={**_train(), "save_every": 3}))
+    out = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", out, ignore=lambda folder, names: ["step-000006"] * ("step-000006" in names))
+    shutil.rmtree(out / "mixture")  # a run killed at step 5 has no final mixture yet
+    log = out / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("".join(line + "\n" for line in lines[:4]) + lines[4][: len(lines[4]) // 2])  # killed at step 5
+    resumed = run_recipe(config(assets, out, train={**_train(), "save_every": 3}, resume_from=str(out)))
+    assert loss_list(resumed) == pytest.approx(loss_list(full)[3:], abs=1e-6)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["loss"] for r in logged] == pytest.approx(loss_list(full), abs=1e-6)
