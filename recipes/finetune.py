@@ -350,6 +350,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     )  # fmt: skip
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
         write_text(out / "config.yaml", cfg.to_yaml())
         write_text(out / "tasks.json", json.dumps(tasks.to_dict(), indent=2) + "\n")
         trim_log(out / "log.jsonl", state.step)
@@ -379,6 +380,21 @@ def flat_config(cfg: FinetuneConfig) -> dict[str, Any]:
 
     walk("", cfg.to_dict())
     return flat
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files and folders (``.NAME.tmp-*``) a killed run left in its folder and
+    its checkpoints folder: no other writer uses a run folder while its run starts."""
+    stale = [*out.glob(".*.tmp-*"), *(out / CHECKPOINTS).glob(".step-*.tmp-*")]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if stale:
+        print(
+            f"lomix: removed {len(stale)} temporary file(s) or folder(s) an interrupted run left in {out}", flush=True
+        )
 
 
 def trim_log(path: Path, step: int) -> None:

@@ -238,3 +238,19 @@ def test_resume_in_place_after_a_cut_log_line_continues_exactly(assets, tmp_path
     assert loss_list(resumed) == pytest.approx(loss_list(full)[3:], abs=1e-6)
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["loss"] for r in logged] == pytest.approx(loss_list(full), abs=1e-6)
+
+
+def test_temporary_folders_of_a_killed_run_are_removed_when_it_starts_again(assets, tmp_path, run_recipe, capsys):
+    """Issue 25, item 3: `.step-N.tmp-*` (a kill while saving a checkpoint) and `.NAME.tmp-*` files."""
+    out = tmp_path / "run"
+    run_recipe(config(assets, out, train={**_train(), "max_steps": 3, "save_every": 3}))
+    partial = out / "checkpoints" / ".step-000006.tmp-0123abcd"
+    shutil.copytree(out / "checkpoints" / "step-000003", partial)  # a kill after most files were written
+    (partial / finetune.STATE_NAME).unlink()
+    (out / ".log.jsonl.tmp-89abcdef").write_text('{"step": 1')
+    (out / "checkpoints" / "step-000009").mkdir()  # not a temporary: kept (find_checkpoint skips it)
+    capsys.readouterr()
+    run_recipe(config(assets, out, train={**_train(), "save_every": 3}, resume_from=str(out)))
+    assert "removed 2 temporary file(s) or folder(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006", "step-000009"]
+    assert not list(out.glob(".*"))
