@@ -183,9 +183,13 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / STATE_NAME).is_file():
         return path
-    folder = path / CHECKPOINTS
-    found = sorted(folder.glob("step-*")) if folder.is_dir() else []
-    found = [p for p in found if (p / STATE_NAME).is_file()]
+    found = completed_checkpoints(path)
+    if not found and (path / "config.yaml").is_file():
+        raise ConfigError(
+            "resume_from",
+            f"{path} is a run stopped before its first checkpoint: there is nothing to resume; run the same "
+            "command without resume_from to start it again from scratch in that folder",
+        )
     if not found:
         raise ConfigError("resume_from", f"{path} is neither a checkpoint nor a run folder with checkpoints")
     return found[-1]
@@ -243,11 +247,21 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
         *Path(cfg.resume_from).resolve().parents,
     ]
     if (out / "config.yaml").exists() and not resuming_here:
-        raise ConfigError(
-            "output_dir",
-            f"{out} already holds a run; pass resume_from={out} to continue it, or choose another output_dir",
-        )
+        if completed_checkpoints(out) or (out / "mixture").exists():
+            raise ConfigError(
+                "output_dir",
+                f"{out} already holds a run; pass resume_from={out} to continue it, or choose another output_dir",
+            )
+        # Killed before its first checkpoint: nothing in it can be resumed, so nothing is lost.
+        print(f"lomix: {out} holds a run stopped before its first checkpoint; starting it again from scratch")
     return out
+
+
+def completed_checkpoints(run_dir: Path) -> list[Path]:
+    """The run folder's complete checkpoints, oldest first."""
+    folder = run_dir / CHECKPOINTS
+    found = sorted(folder.glob("step-*")) if folder.is_dir() else []
+    return [p for p in found if (p / STATE_NAME).is_file()]
 
 
 def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:

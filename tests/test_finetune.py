@@ -254,3 +254,26 @@ def test_temporary_folders_of_a_killed_run_are_removed_when_it_starts_again(asse
     assert "removed 2 temporary file(s) or folder(s)" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006", "step-000009"]
     assert not list(out.glob(".*"))
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(assets, tmp_path, run_recipe, capsys):
+    """Issue 25, item 2: nothing to lose (no checkpoint, no mixture), so the same command restarts it."""
+    out = tmp_path / "run"
+    first = run_recipe(config(assets, out))
+    shutil.rmtree(out / "mixture")  # what a kill at step 4 of 6 leaves: config, tasks, a partial log
+    log = out / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:4]))
+    with pytest.raises(ConfigError, match=r"resume_from: .* stopped before its first checkpoint.* without resume_from"):
+        run_recipe(config(assets, out, resume_from=str(out)))
+    capsys.readouterr()
+    again = run_recipe(config(assets, out))
+    assert "stopped before its first checkpoint; starting it again from scratch" in capsys.readouterr().out
+    assert loss_list(again) == loss_list(first)  # a fresh run, the same seed
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ConfigError, match=r"already holds a run; pass resume_from="):  # now it has a mixture
+        run_recipe(config(assets, out))
+    shutil.rmtree(out / "mixture")
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)
+    (out / "checkpoints" / "step-000002" / finetune.STATE_NAME).write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds a run; pass resume_from="):  # a checkpoint to lose
+        run_recipe(config(assets, out))
