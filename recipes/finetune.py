@@ -356,8 +356,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
 
     state = TrainerState()
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = TrainerState(**json.loads((checkpoint / STATE_NAME).read_text()))
+        state = restore_checkpoint(accelerator, checkpoint)
     run = Run(
         cfg, out, accelerator, model, tokenizer, formatter, tasks, test, optimizer, scheduler, loader,
         steps_per_epoch, state,
@@ -380,6 +379,46 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
         + (f"; resuming from {checkpoint} at step {state.step}" if checkpoint else "")
     )
     return run
+
+
+def restore_checkpoint(accelerator, checkpoint: Path) -> TrainerState:
+    """Load a checkpoint's mixture, optimizer, scheduler and RNG states; the trainer state it holds.
+
+    accelerate skips an unreadable RNG file with an INFO log line and carries on, which makes the
+    resumed run silently differ from the uninterrupted one: every part is checked, and a part that
+    cannot be restored is an error naming it (resume is exact or refused).
+    """
+    from accelerate.utils import RNG_STATE_NAME, load
+
+    inexact = "resuming without it would not continue the run exactly; resume from another of its checkpoints"
+    rng_file = checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    try:
+        rng = load(rng_file)
+        saved_rng = rng["torch_manual_seed"]
+        _ = rng["random_state"], rng["numpy_random_seed"]
+    except Exception as exc:  # missing, cut, or not an RNG state: accelerate would skip it silently
+        raise CheckpointError(
+            f"{rng_file}: the random-number state cannot be read ({_one_line(exc)}); {inexact}"
+        ) from None
+    try:
+        state = TrainerState(**json.loads((checkpoint / STATE_NAME).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{checkpoint / STATE_NAME}: cannot be read ({_one_line(exc)}); {inexact}") from None
+    try:
+        accelerator.load_state(str(checkpoint))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"{checkpoint}: the optimizer or scheduler state cannot be read ({_one_line(exc)}); {inexact}"
+        ) from None
+    if not torch.equal(torch.get_rng_state(), saved_rng):
+        raise CheckpointError(f"{rng_file}: the random-number state was not restored; {inexact}")
+    return state
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def flat_config(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -133,9 +133,9 @@ def test_resume_depends_on_every_restored_state(assets, tmp_path, run_recipe):
     resumed = run_recipe(config(assets, tmp_path / "resumed", resume_from=str(checkpoint)))
     assert loss_list(resumed) == pytest.approx(reference, abs=1e-6)
 
-    no_rng = tmp_path / "no_rng"
+    no_rng = tmp_path / "no_rng"  # a valid RNG state, but another step's
     shutil.copytree(checkpoint, no_rng)
-    (no_rng / "random_states_0.pkl").unlink()
+    shutil.copyfile(checkpoint.parent / "step-000006" / "random_states_0.pkl", no_rng / "random_states_0.pkl")
     other = run_recipe(config(assets, tmp_path / "other", resume_from=str(no_rng)))
     assert loss_list(other) != pytest.approx(reference, abs=1e-6)
 
@@ -277,3 +277,43 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(assets, 
     (out / "checkpoints" / "step-000002" / finetune.STATE_NAME).write_text("{}")
     with pytest.raises(ConfigError, match=r"already holds a run; pass resume_from="):  # a checkpoint to lose
         run_recipe(config(assets, out))
+
+
+@pytest.fixture(scope="module")
+def three_steps(assets, tmp_path_factory):
+    """A 3-step run folder with a checkpoint at step 3."""
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path_factory.mktemp("three") / "run"
+    try:
+        finetune.run(config(assets, out, train={**_train(), "max_steps": 3, "save_every": 3}))
+    finally:
+        AcceleratorState._reset_state(True)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "says"),
+    [
+        ("random_states_0.pkl", "delete", r"random_states_0.pkl: the random-number state cannot be read"),
+        ("random_states_0.pkl", "cut", r"random_states_0.pkl: the random-number state cannot be read"),
+        ("optimizer.bin", "delete", r"step-000003: the optimizer or scheduler state cannot be read"),
+        ("scheduler.bin", "cut", r"step-000003: the optimizer or scheduler state cannot be read"),
+        ("trainer_state.json", "cut", r"trainer_state.json: cannot be read"),
+    ],
+)
+def test_an_unreadable_training_state_refuses_to_resume_inexactly(
+    assets, three_steps, tmp_path, run_recipe, name, damage, says
+):
+    """Issue 25, item 5: accelerate skips an unreadable RNG state silently (the losses then differ, see
+    test_resume_depends_on_every_restored_state); lomix refuses, naming the file."""
+    checkpoint = tmp_path / "step-000003"
+    shutil.copytree(three_steps / "checkpoints" / "step-000003", checkpoint)
+    if damage == "delete":
+        (checkpoint / name).unlink()
+    else:
+        data = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=says + r".*would not continue the run exactly") as caught:
+        run_recipe(config(assets, tmp_path / "resumed", resume_from=str(checkpoint)))
+    assert "\n" not in str(caught.value)
