@@ -233,6 +233,13 @@ class TrainConfig:
         default="linear", metadata={"help": "decay after warm-up: linear or cosine to 0, or constant"}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 disables)"})
+    on_nonfinite: Literal["stop", "skip_step"] = field(
+        default="stop",
+        metadata={
+            "help": "a step whose loss or gradient norm is NaN or infinite: stop with an error naming the last good "
+            "checkpoint, or skip_step (no update; the step still counts)"
+        },
+    )
     group_by_length: int = field(
         default=0,
         metadata={

@@ -45,7 +45,7 @@ import lomix
 import lomix.rloo
 from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
-from lomix.errors import CheckpointError, ConfigError
+from lomix.errors import CheckpointError, ConfigError, LomixError
 from lomix.quant import prepare_kbit_training
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
 from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
@@ -572,6 +572,8 @@ def train(run: Run) -> list[dict[str, Any]]:
         loss_sum = torch.zeros((), device=accelerator.device)
         aux_sum = torch.zeros((), device=accelerator.device)
         grad_norm = None
+        finite = torch.ones((), device=accelerator.device)  # 0 once a micro-batch's loss is NaN or infinite
+        skipped = False
         for batch in group:
             with accelerator.accumulate(model):
                 if samples:
@@ -582,23 +584,33 @@ def train(run: Run) -> list[dict[str, Any]]:
                 # accelerate divides by grad_accum, DDP averages over processes: undo both so that the
                 # update is d(sum of answer-token losses of the global batch) / (its answer tokens).
                 loss = (token_sum + surrogate) * (world * cfg.grad_accum / total_answer) + aux
+                finite = finite * torch.isfinite(loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    if cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    run.optimizer.step()
+                    # max_norm=inf measures the norm without clipping (needed for the non-finite check)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                    skipped = nonfinite_step(run, finite, grad_norm)
+                    if not skipped:
+                        run.optimizer.step()
                     run.scheduler.step()
                     run.optimizer.zero_grad(set_to_none=True)
+                    if cfg.max_grad_norm == 0:
+                        grad_norm = None  # not clipped: logged as before
             loss_sum += token_sum.detach()
             aux_sum += aux.detach()
         state.step += 1
         totals = accelerator.reduce(torch.stack([loss_sum, aux_sum / cfg.grad_accum]), reduction="sum")
         step_loss = float(totals[0]) / total_answer
         seconds = time.perf_counter() - start
+        if skipped:
+            run.print(f"lomix: step {state.step} skipped: its loss or gradient norm is not finite (train.on_nonfinite)")
+            step_loss = 0.0
+            window["skipped"] = window.get("skipped", 0) + 1
+        else:
+            window["steps"] += 1
         window["loss"] += step_loss
         window["tokens"] += int(counts[1])
         window["seconds"] += seconds
-        window["steps"] += 1
         bar.update(1)
         bar.set_postfix(
             loss=f"{step_loss:.4f}", lr=f"{lrs.get('experts', 0.0):.2e}", tok_s=f"{int(counts[1]) / seconds:.0f}"
@@ -607,13 +619,15 @@ def train(run: Run) -> list[dict[str, Any]]:
             record = {
                 "step": state.step,
                 "epoch": state.epoch,
-                "loss": window["loss"] / window["steps"],
+                "loss": window["loss"] / window["steps"] if window["steps"] else math.nan,
                 "aux_loss": float(totals[1]) / world,
                 "lr": lrs.get("experts", 0.0),
                 "router_lr": lrs.get("routers", lrs.get("experts", 0.0)),
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
             }
+            if window.get("skipped"):
+                record["skipped_steps"] = window["skipped"]
             if stats is not None:
                 record.update(routing_record(stats))
                 stats.reset()
@@ -630,6 +644,36 @@ def train(run: Run) -> list[dict[str, Any]]:
     if stats is not None:
         stats.__exit__(None, None, None)
     return records
+
+
+class NonFiniteError(LomixError, FloatingPointError):
+    """A training step's loss or gradient became NaN or infinite (train.on_nonfinite=stop)."""
+
+
+def nonfinite_step(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """True when this step must not update the weights (train.on_nonfinite=skip_step); raises
+    `NonFiniteError` under ``stop``. Every process takes the same decision (the flags are summed).
+
+    Under fp16 the gradient scaler skips overflowing steps by design: only the loss counts there.
+    """
+    norm_bad = not math.isfinite(float(grad_norm)) and run.accelerator.scaler is None
+    flags = torch.tensor([float(1 - finite), float(norm_bad)], device=run.accelerator.device)
+    flags = run.accelerator.reduce(flags, reduction="sum")
+    if not bool(flags.any()):
+        return False
+    if run.cfg.train.on_nonfinite == "skip_step":
+        return True
+    what = "loss" if float(flags[0]) else f"gradient norm ({float(grad_norm)})"
+    done = completed_checkpoints(run.out)
+    keep = (
+        f"the last good checkpoint is {done[-1]} (resume_from={done[-1]}, with a lower train.lr say)"
+        if done
+        else "no checkpoint was saved before it"
+    )
+    raise NonFiniteError(
+        f"train: the {what} is not finite at step {run.state.step + 1}; stopped before updating the weights "
+        f"and saving the mixture; {keep}; train.on_nonfinite=skip_step skips such steps instead"
+    )
 
 
 def log(run: Run, record: dict[str, Any], bar=None) -> None:

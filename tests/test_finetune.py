@@ -10,6 +10,7 @@ import pytest
 import torch
 from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_jsonl
 
+import lomix
 from lomix.errors import CheckpointError, ConfigError
 from lomix.recipes import finetune
 from lomix.recipes.config import TrainConfig, build_config
@@ -317,3 +318,75 @@ def test_an_unreadable_training_state_refuses_to_resume_inexactly(
     with pytest.raises(CheckpointError, match=says + r".*would not continue the run exactly") as caught:
         run_recipe(config(assets, tmp_path / "resumed", resume_from=str(checkpoint)))
     assert "\n" not in str(caught.value)
+
+
+def poisoned_loss(monkeypatch, at_call: int):
+    """answer_loss_sum returns NaN on its ``at_call``-th call (1-based): one call per step here."""
+    original, calls = finetune.answer_loss_sum, []
+
+    def poisoned(logits, labels):
+        calls.append(1)
+        value = original(logits, labels)
+        return value * float("nan") if len(calls) == at_call else value
+
+    monkeypatch.setattr(finetune, "answer_loss_sum", poisoned)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp_path, run_recipe, monkeypatch):
+    """Issue 25, item 6: a NaN loss used to train on, exit 0 and save a NaN mixture."""
+    from safetensors.torch import load_file
+
+    sections = {"train": {**_train(), "save_every": 3}}
+    reference = run_recipe(config(assets, tmp_path / "reference", **sections))
+    poisoned_loss(monkeypatch, at_call=5)
+    out = tmp_path / "nan"
+    with pytest.raises(finetune.NonFiniteError, match=r"train: the loss is not finite at step 5; stopped") as caught:
+        run_recipe(config(assets, out, **sections))
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step-000003'}" in str(caught.value)
+    assert "train.on_nonfinite=skip_step" in str(caught.value) and isinstance(caught.value, lomix.LomixError)
+    assert not (out / "mixture").exists() and not (out / "checkpoints" / "step-000006").exists()
+    weights = "checkpoints/step-000003/mixture/lomix_model.safetensors"
+    good, expected = load_file(str(out / weights)), load_file(str(tmp_path / "reference" / weights))
+    assert good.keys() == expected.keys() and all(torch.equal(good[k], expected[k]) for k in good)
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == loss_list(reference)[:4]  # steps 1-4; step 5 never logged
+
+
+def test_a_nan_gradient_stops_the_run_even_with_a_finite_loss(assets, tmp_path, run_recipe):
+    from lomix.recipes.fewshot import build_mixture
+
+    calls = []
+
+    def build(model, *args):
+        build_mixture(model, *args)
+        first = next(p for p in model.parameters() if p.requires_grad)
+        first.register_hook(lambda grad: grad * float("inf") if calls.append(1) or len(calls) == 2 else grad)
+
+    cfg = config(assets, tmp_path / "inf", train={**_train(), "max_grad_norm": 0.0})  # not clipped: still checked
+    with pytest.raises(finetune.NonFiniteError, match=r"the gradient norm \((nan|inf)\) is not finite at step 2.*no"):
+        try:
+            finetune.run(cfg, build=build)
+        finally:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(True)
+
+
+def test_skip_step_leaves_the_weights_of_a_nan_step_unchanged(assets, tmp_path, run_recipe, monkeypatch):
+    from safetensors.torch import load_file
+
+    poisoned_loss(monkeypatch, at_call=4)
+    out = tmp_path / "skip"
+    train = {**_train(), "save_every": 1, "keep_checkpoints": 10, "on_nonfinite": "skip_step"}
+    result = run_recipe(config(assets, out, train=train))
+    records = {r["step"]: r for r in result["records"]}
+    assert records[4]["skipped_steps"] == 1 and math.isnan(records[4]["loss"])
+    assert all("skipped_steps" not in r and math.isfinite(r["loss"]) for s, r in records.items() if s != 4)
+
+    def mixture(step):
+        return load_file(str(out / "checkpoints" / f"step-{step:06d}" / "mixture" / "lomix_model.safetensors"))
+
+    before, after, later = mixture(3), mixture(4), mixture(5)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update at the skipped step
+    assert not all(torch.equal(after[k], later[k]) for k in after)  # training went on
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "mixture" / "lomix_model.safetensors")).values())
