@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import MixtureConfig
-from .errors import LomixError, TargetModulesNotFoundError
+from .errors import LomixError, TargetModulesNotFoundError, TargetNotCalledError
 from .layer import MixtureLinear, linear_dims
 from .routers import Router
 from .routing import CONTEXT_KWARGS, ContextHolder, RoutingContext
@@ -138,6 +139,38 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
     count = count_parameters(model)
     (logger.warning if verbose else logger.info)("lomix: wrapped %d modules; %s", len(targets), count)
     return model
+
+
+def check_targets_run(model: nn.Module, probe: Callable[[], Any], field: str = "target_modules") -> None:
+    """Run ``probe`` (a forward of ``model``, no gradients, random state left as it was) and raise
+    `TargetNotCalledError` naming every wrapped module whose forward did not run.
+
+    Some modules read a projection's ``.weight`` instead of calling it (Mamba's ``dt_proj``, and
+    its fused CUDA path for ``x_proj``/``out_proj``): wrapped, such a module's experts have exactly
+    zero effect and training silently learns nothing there.
+    """
+    layers = list(mixture_layers(model))
+    called: set[str] = set()
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args, name=name: called.add(name)) for name, layer in layers
+    ]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            probe()
+    finally:
+        for handle in handles:
+            handle.remove()
+    missed = [name for name, _ in layers if name not in called]
+    if missed:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in missed})
+        shown = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
+        raise TargetNotCalledError(
+            field,
+            f"{len(missed)} wrapped module(s) never ran in a forward pass ({shown}): their parent reads their "
+            f"weight directly, so their experts would have no effect and learn nothing; leave them out "
+            f"(exclude_modules: {leaves}) or target other modules",
+        )
 
 
 def mixture_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

@@ -46,6 +46,7 @@ import lomix.rloo
 from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError, LomixError
+from lomix.inject import check_targets_run
 from lomix.quant import prepare_kbit_training
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
 from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
@@ -341,6 +342,9 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     lomix.loramixer.freeze_unrouted_experts(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    probe = Collator(tokenizer.pad_token_id)(features[: cfg.train.batch_size])
+    probe = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in probe.items()}
+    check_targets_run(model, lambda: forward(model, probe), "mixture.target_modules")
 
     # accelerate would save and load the whole model, frozen base included: swap in the mixture.
     def save_mixture(models, weights, output_dir):

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_jsonl
+from torch.nn import functional as F
 
 import lomix
 from lomix.errors import CheckpointError, ConfigError
@@ -390,3 +391,23 @@ def test_skip_step_leaves_the_weights_of_a_nan_step_unchanged(assets, tmp_path, 
     assert all(torch.equal(before[k], after[k]) for k in before)  # no update at the skipped step
     assert not all(torch.equal(after[k], later[k]) for k in after)  # training went on
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "mixture" / "lomix_model.safetensors")).values())
+
+
+def test_training_refuses_targets_whose_forward_never_runs(assets, tmp_path, run_recipe):
+    """Issue 25, item 7, in the recipe: one MLP reads its down_proj's weight instead of calling it."""
+    from lomix.recipes.fewshot import build_mixture
+
+    def build(model, *args):
+        build_mixture(model, *args)
+        mlp = model.model.layers[1].mlp
+        mlp.forward = lambda x: F.linear(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj.weight)
+
+    cfg = config(assets, tmp_path / "run")
+    with pytest.raises(lomix.errors.TargetNotCalledError, match=r"^mixture.target_modules: 1 wrapped module") as e:
+        try:
+            finetune.run(cfg, build=build)
+        finally:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(True)
+    assert "(model.layers.1.mlp.down_proj)" in str(e.value) and not (tmp_path / "run" / "log.jsonl").exists()

@@ -187,3 +187,57 @@ def test_loading_into_a_model_in_eval_mode_routes_without_training_noise(llama_c
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
     training = lomix.inject(build_pair(llama_case)[0].train(), config)  # a base in training mode keeps training
     assert all(layer.training for _, layer in lomix.mixture_layers(training))
+
+
+class ReadsItsWeight(torch.nn.Module):
+    """Calls ``called`` but reads ``dt_proj.weight`` directly, as Mamba's fused path does."""
+
+    def __init__(self):
+        super().__init__()
+        self.called = torch.nn.Linear(8, 8)
+        self.dt_proj = torch.nn.Linear(8, 8)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.called(x)) + x @ self.dt_proj.weight.T
+
+
+def test_a_wrapped_module_whose_forward_never_runs_is_named():
+    """Issue 25, item 7: such a module's experts have exactly zero effect and no gradient."""
+    from lomix.inject import check_targets_run
+
+    torch.manual_seed(0)
+    model = lomix.inject(ReadsItsWeight(), lomix.MixtureConfig(target_modules=["called", "dt_proj"], num_experts=2))
+    randomize_experts(model, std=0.5)
+    x = torch.randn(3, 8)
+    layer = model.dt_proj
+    model.eval()
+    expected = model.called(x) + x @ layer.base_layer.weight.T  # the experts of dt_proj add nothing
+    assert torch.equal(model(x), expected)
+    model.train()
+    model(x).sum().backward()
+    assert layer.experts.A.grad is None and model.called.experts.A.grad.abs().sum() > 0
+    state = torch.get_rng_state()
+    with pytest.raises(lomix.errors.TargetNotCalledError, match=r"^target_modules: 1 wrapped module\(s\) never") as e:
+        check_targets_run(model, lambda: model(x))
+    assert "(dt_proj)" in str(e.value) and "exclude_modules: ['dt_proj']" in str(e.value)
+    assert torch.equal(torch.get_rng_state(), state)  # the probe's dropout drew from a forked RNG
+    called_only = lomix.inject(ReadsItsWeight(), lomix.MixtureConfig(target_modules=["called"], num_experts=2))
+    check_targets_run(called_only, lambda: called_only(x))  # every target runs: no error
+
+
+def test_mamba_dt_proj_is_named_as_never_called():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from lomix.inject import check_targets_run
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, time_step_rank=4)
+    model = MambaForCausalLM(config).train()  # training takes the fused path, which reads dt_proj.weight
+    lomix.inject(model, lomix.MixtureConfig(target_modules=["in_proj", "dt_proj", "out_proj"], num_experts=2))
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.raises(lomix.errors.TargetNotCalledError, match=r"2 wrapped module\(s\) never ran") as caught:
+        check_targets_run(model, lambda: model(input_ids=ids))
+    assert "backbone.layers.0.mixer.dt_proj, backbone.layers.1.mixer.dt_proj)" in str(caught.value)
+    model = lomix.inject(MambaForCausalLM(config).train(), lomix.MixtureConfig(target_modules=["in_proj", "out_proj"]))
+    check_targets_run(model, lambda: model(input_ids=ids))  # every target runs: no error
