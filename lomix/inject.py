@@ -138,7 +138,38 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
     model.lomix_state = LomixState(config, holder, hook, requires_grad_before)
     count = count_parameters(model)
     (logger.warning if verbose else logger.info)("lomix: wrapped %d modules; %s", len(targets), count)
+    fused = fused_expert_parameters(model, config)
+    if fused:
+        leaves = [_words(f.rsplit(".", 1)[-1]) for f in fused]
+        wrapped = [name for name in targets if any(_words(name.rsplit(".", 1)[-1]) & leaf for leaf in leaves)]
+        logger.warning(
+            "lomix: target_modules %s also name %d fused expert weight(s) (3-D parameters, e.g. %s) that lomix "
+            "cannot wrap: they stay frozen, without experts. Wrapped instead: %d module(s) (e.g. %s), "
+            "which on a mixture-of-experts base may be only the shared expert.",
+            config.target_modules, len(fused), ", ".join(fused[:3]), len(wrapped), ", ".join(wrapped[:3]) or "none",
+        )  # fmt: skip
     return model
+
+
+def _words(name: str) -> set[str]:
+    return set(name.split("_")) - {"proj", "weight", "bias", ""}
+
+
+def fused_expert_parameters(model: nn.Module, config: MixtureConfig) -> list[str]:
+    """Names of the 3-D (or larger) parameters the targets seem to mean: the routed experts of a
+    mixture-of-experts base, fused into one (experts, out, in) tensor in transformers 5 (Qwen2-MoE's
+    ``mlp.experts.gate_up_proj``), which target names such as ``gate_proj`` cannot wrap."""
+    found = []
+    for name, param in model.named_parameters():
+        if param.dim() < 3:
+            continue
+        if isinstance(config.target_modules, str):
+            meant = re.fullmatch(config.target_modules, name) is not None
+        else:
+            meant = any(_words(name.rsplit(".", 1)[-1]) & _words(t.rsplit(".", 1)[-1]) for t in config.target_modules)
+        if meant:
+            found.append(name)
+    return found
 
 
 def check_targets_run(model: nn.Module, probe: Callable[[], Any], field: str = "target_modules") -> None:

@@ -241,3 +241,39 @@ def test_mamba_dt_proj_is_named_as_never_called():
     assert "backbone.layers.0.mixer.dt_proj, backbone.layers.1.mixer.dt_proj)" in str(caught.value)
     model = lomix.inject(MambaForCausalLM(config).train(), lomix.MixtureConfig(target_modules=["in_proj", "out_proj"]))
     check_targets_run(model, lambda: model(input_ids=ids))  # every target runs: no error
+
+
+def tiny_qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+        shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    return Qwen2MoeForCausalLM(config)
+
+
+def test_moe_targets_that_match_only_the_shared_expert_warn_naming_both(caplog):
+    """Issue 25, item 9: on Qwen2-MoE the routed experts are fused 3-D parameters in transformers 5;
+    gate_proj/up_proj/down_proj wrap only the shared expert."""
+    model = tiny_qwen2_moe()
+    fused = [name for name, p in model.named_parameters() if p.dim() == 3]  # independent list
+    assert fused == [f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("gate_up_proj", "down_proj")]
+    with caplog.at_level("WARNING", logger="lomix.inject"):
+        lomix.inject(model, lomix.MixtureConfig(target_modules=["gate_proj", "up_proj", "down_proj"], num_experts=2))
+    wrapped = [name for name, _ in lomix.mixture_layers(model)]
+    assert all(".shared_expert." in name for name in wrapped) and len(wrapped) == 6
+    (record,) = [r for r in caplog.records if "fused expert" in r.getMessage()]
+    message = record.getMessage()
+    assert "4 fused expert weight(s)" in message and ", ".join(fused[:3]) in message
+    assert "Wrapped instead: 6 module(s) (e.g. model.layers.0.mlp.shared_expert.gate_proj" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lomix.inject"):  # attention targets mean no fused weight: silent
+        lomix.inject(tiny_qwen2_moe(), lomix.MixtureConfig(target_modules=["q_proj", "v_proj"], num_experts=2))
+        lomix.inject(tiny_qwen2_moe(), lomix.MixtureConfig(target_modules=r".*self_attn\.(q|v)_proj", num_experts=2))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="lomix.inject"):  # a regex that means them too
+        lomix.inject(tiny_qwen2_moe(), lomix.MixtureConfig(target_modules=r".*mlp\..*_proj", num_experts=2))
+    assert any("4 fused expert weight(s)" in r.getMessage() for r in caplog.records)
