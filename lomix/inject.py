@@ -173,8 +173,9 @@ def fused_expert_parameters(model: nn.Module, config: MixtureConfig) -> list[str
 
 
 def check_targets_run(model: nn.Module, probe: Callable[[], Any], field: str = "target_modules") -> None:
-    """Run ``probe`` (a forward of ``model``, no gradients, random state left as it was) and raise
-    `TargetNotCalledError` naming every wrapped module whose forward did not run.
+    """Run ``probe`` (a forward of ``model``; no gradients; the random state and the mixture layers'
+    buffers are left as they were) and raise `TargetNotCalledError` naming every wrapped module
+    whose forward did not run.
 
     Some modules read a projection's ``.weight`` instead of calling it (Mamba's ``dt_proj``, and
     its fused CUDA path for ``x_proj``/``out_proj``): wrapped, such a module's experts have exactly
@@ -186,12 +187,19 @@ def check_targets_run(model: nn.Module, probe: Callable[[], Any], field: str = "
         layer.register_forward_pre_hook(lambda module, args, name=name: called.add(name)) for name, layer in layers
     ]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    # Routers may keep state in buffers (LoRA-Mixer's hard stage marks the experts it routed to):
+    # the probe must leave them as they were, like the random state.
+    buffers = [buffer for _, layer in layers for buffer in layer.buffers()]
+    saved = [buffer.clone() for buffer in buffers]
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             probe()
     finally:
         for handle in handles:
             handle.remove()
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
     missed = [name for name, _ in layers if name not in called]
     if missed:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in missed})

@@ -654,13 +654,13 @@ class NonFiniteError(LomixError, FloatingPointError):
     """A training step's loss or gradient became NaN or infinite (train.on_nonfinite=stop)."""
 
 
-def nonfinite_step(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+def nonfinite_step(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
     """True when this step must not update the weights (train.on_nonfinite=skip_step); raises
     `NonFiniteError` under ``stop``. Every process takes the same decision (the flags are summed).
 
     Under fp16 the gradient scaler skips overflowing steps by design: only the loss counts there.
     """
-    norm_bad = not math.isfinite(float(grad_norm)) and run.accelerator.scaler is None
+    norm_bad = grad_norm is not None and not math.isfinite(float(grad_norm)) and run.accelerator.scaler is None
     flags = torch.tensor([float(1 - finite), float(norm_bad)], device=run.accelerator.device)
     flags = run.accelerator.reduce(flags, reduction="sum")
     if not bool(flags.any()):

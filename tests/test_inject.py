@@ -277,3 +277,22 @@ def test_moe_targets_that_match_only_the_shared_expert_warn_naming_both(caplog):
     with caplog.at_level("WARNING", logger="lomix.inject"):  # a regex that means them too
         lomix.inject(tiny_qwen2_moe(), lomix.MixtureConfig(target_modules=r".*mlp\..*_proj", num_experts=2))
     assert any("4 fused expert weight(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_the_probe_leaves_router_buffers_as_they_were():
+    """LoRA-Mixer's hard stage marks the experts a training forward routed to (router.used): the
+    probe forward must not, or the first optimizer step would move experts no batch routed to."""
+    from lomix.inject import check_targets_run
+
+    config = lomix.MixtureConfig(
+        target_modules=["proj"], num_experts=4, router=lomix.router_config("loramixer", stage="hard"),
+        balance=lomix.BalanceConfig(switch=0.0),
+    )  # fmt: skip
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(10, 6))
+    lomix.inject(model, config).train()
+    x = torch.randn(2, 3, 10)
+    check_targets_run(model, lambda: model(x, task_ids=[1, 3]))
+    assert not model.proj.router.used.any()
+    model(x, task_ids=[1, 3])  # the same forward outside the probe does mark them
+    assert model.proj.router.used.tolist() == [False, True, False, True]
