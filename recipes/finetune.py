@@ -31,6 +31,7 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -248,13 +249,15 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
         *Path(cfg.resume_from).resolve().parents,
     ]
     if (out / "config.yaml").exists() and not resuming_here:
-        if completed_checkpoints(out) or (out / "mixture").exists():
+        # a final save killed mid-swap leaves the mixture aside (.mixture.old-*): also something to lose
+        if completed_checkpoints(out) or (out / "mixture").exists() or list(out.glob(".mixture.old-*")):
             raise ConfigError(
                 "output_dir",
                 f"{out} already holds a run; pass resume_from={out} to continue it, or choose another output_dir",
             )
         # Killed before its first checkpoint: nothing in it can be resumed, so nothing is lost.
-        print(f"lomix: {out} holds a run stopped before its first checkpoint; starting it again from scratch")
+        if os.environ.get("RANK", "0") == "0":  # the accelerator (and its main-process test) comes later
+            print(f"lomix: {out} holds a run stopped before its first checkpoint; starting it again from scratch")
     return out
 
 
