@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from lomix.paths import unsafe_reason
+
 from .errors import SpecError, UnsafePathError
 
 DEFAULT_REVISION = "main"
@@ -43,24 +45,6 @@ class Spec:
         if self.path is not None:
             return str(self.path)
         return f"{self.repo_id}@{self.revision}"
-
-
-def unsafe_reason(name: str) -> str | None:
-    """Why ``name`` (a '/'-separated path relative to a repository) could escape its folder, or None."""
-    if not name:
-        return "it is empty"
-    if "\x00" in name or any(ord(c) < 32 for c in name):
-        return "it holds control characters"
-    if "\\" in name:
-        return "it holds a backslash, a path separator on Windows"
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        return "it is an absolute path"
-    parts = name.split("/")
-    if ".." in parts:
-        return "it climbs out of the repository with '..'"
-    if "" in parts[:-1] or "." in parts:
-        return "it holds empty or '.' path components"
-    return None
 
 
 def check_relative(name: str, where: str) -> str:

@@ -68,6 +68,7 @@ def add_peft(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an expert of the same name."),
 ) -> None:
     """Add a third-party PEFT LoRA as a frozen expert (zero gates: GLIDER routes to it by its description)."""
+    from lomix.hub.errors import BaseModelMismatchError
     from lomix.library import Library
     from lomix.recipes.config import ModelConfig
     from lomix.recipes.glider import add_peft as add
@@ -78,6 +79,8 @@ def add_peft(
             lib, source, ModelConfig(name_or_path=model, gguf_file=gguf_file), name=name, description=description,
             overwrite=overwrite, check_base=check_base,
         )  # fmt: skip
+    except BaseModelMismatchError as exc:  # its text names the Python argument; here the fix is a flag
+        raise fail(str(exc).replace("pass check_base=False", "pass --no-check-base")) from None
     except LomixError as exc:
         raise fail(exc) from None
     typer.echo(f"added {added['name']}: {added['description']}")

@@ -24,38 +24,97 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _reached(point: str) -> None:
+    """Called at each step of an `atomic_directory` swap; the fault-injection tests replace it to
+    kill the process exactly there."""
+
+
+def _aside_folders(target: Path) -> list[Path]:
+    """Previous versions of ``target`` set aside by a swap (``.NAME.old-*``), newest last."""
+    return sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def recover_interrupted_swap(target: str | Path) -> None:
+    """Finish or undo a swap of ``target`` that a kill interrupted (see `atomic_directory`).
+
+    Killed after the old folder went aside but before the new one came in: ``target`` is missing,
+    and the old folder is renamed back (the new one may be incomplete). Killed after the new one
+    came in: the old folder is deleted.
+    """
+    target = Path(target)
+    aside = _aside_folders(target) if target.parent.is_dir() else []
+    if not aside:
+        return
+    if not target.exists():
+        os.rename(aside.pop(), target)
+        _fsync_dir(target.parent)
+    for old in aside:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _carry_over(source: Path, dest: Path) -> None:
+    """Hard-link (or copy) into ``dest`` every file of ``source`` that ``dest`` lacks: a rewritten
+    folder keeps the files its writer did not rewrite (a user's notes, a README)."""
+    for path in sorted(source.rglob("*")):
+        into = dest / path.relative_to(source)
+        if into.exists() or into.is_symlink() or not into.parent.is_dir():
+            continue  # rewritten (the new version wins), or inside something the writer replaced
+        if path.is_symlink():
+            os.symlink(os.readlink(path), into)
+        elif path.is_dir():
+            into.mkdir()
+        else:
+            try:
+                os.link(path, into)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(path, into)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success its files land in ``target``.
+    """Yield a temporary folder beside ``target``; on success it becomes ``target``, as a whole.
 
     - ``target`` missing: the temporary folder is renamed onto it (one atomic step).
-    - ``target`` present: each written file replaces its namesake with an atomic rename, files
-      that were already there and not rewritten are kept (a run folder's logs, say).
+    - ``target`` present: files of ``target`` that the block did not write are linked into the
+      temporary folder (so a run folder keeps its logs, a user's notes stay), then the whole folder
+      is swapped: ``target`` is renamed aside, the new folder renamed in, the old one deleted. A kill
+      between the two renames leaves ``target`` missing and the old folder aside; the next write
+      (or `lomix.load`) of ``target`` renames it back (`recover_interrupted_swap`). At no point
+      does ``target`` hold a mix of old and new files.
     On any exception the temporary folder is removed and ``target`` is untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_swap(target)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    old = None
     try:
         yield tmp
+        _reached("written")
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{target} exists and is not a folder")
+        if target.exists():
+            _carry_over(target, tmp)
         for path in tmp.rglob("*"):
-            if path.is_file():
+            if path.is_file() and not path.is_symlink():
                 fsync_file(path)
+        _reached("complete")
         if not target.exists():
             os.rename(tmp, target)
         else:
-            if not target.is_dir():
-                raise NotADirectoryError(f"{target} exists and is not a folder")
-            for path in sorted(tmp.rglob("*")):
-                dest = target / path.relative_to(tmp)
-                if path.is_dir():
-                    dest.mkdir(exist_ok=True)
-                elif path.is_file():
-                    os.replace(path, dest)
-            shutil.rmtree(tmp)
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+            _reached("aside")
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+            _reached("swapped")
+            shutil.rmtree(old)
         _fsync_dir(target.parent)
+        _reached("done")
     except BaseException:
+        if old is not None and old.exists() and not target.exists():
+            os.rename(old, target)  # failed between the renames: the old folder goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

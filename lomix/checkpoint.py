@@ -6,6 +6,7 @@ lomix never unpickles weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_directory
+from .atomic import atomic_directory, recover_interrupted_swap
 from .config import MixtureConfig
 from .errors import (
     ArchitectureMismatchError,
@@ -78,6 +79,9 @@ def save(model: nn.Module, directory: str | Path, *, metadata: dict[str, str] | 
 def read_config(directory: str | Path) -> MixtureConfig:
     """The `MixtureConfig` saved in a mixture folder, with errors naming the file."""
     directory = Path(directory)
+    if not directory.is_dir():
+        with contextlib.suppress(OSError):  # a save killed mid-swap left the previous mixture aside
+            recover_interrupted_swap(directory)
     if not directory.is_dir():
         raise MissingFileError(
             f"{directory}: no such folder; expected a lomix mixture folder holding {CONFIG_NAME} and {WEIGHTS_NAME}"

@@ -88,6 +88,8 @@ class MixtureConfig:
             raise ConfigError("num_experts", f"must be >= 1, got {self.num_experts}")
         if self.rank <= 0:
             raise ConfigError("rank", f"must be a positive integer, got {self.rank}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError("alpha", f"must be a finite number > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.kernel not in BACKENDS:

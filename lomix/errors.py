@@ -74,3 +74,8 @@ class ArchitectureMismatchError(CheckpointError):
 
 class RoutingError(LomixError, ValueError):
     """A router was given inputs it cannot route (for example an unknown task id)."""
+
+
+class TargetNotCalledError(ConfigError):
+    """A wrapped module's forward never runs (its parent reads its weight directly): its experts
+    would have no effect and learn nothing."""

@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import MixtureConfig
-from .errors import LomixError, TargetModulesNotFoundError
+from .errors import LomixError, TargetModulesNotFoundError, TargetNotCalledError
 from .layer import MixtureLinear, linear_dims
 from .quant import disable_cpu_repacking
 from .routers import Router
@@ -139,7 +140,78 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
     model.lomix_state = LomixState(config, holder, hook, requires_grad_before)
     count = count_parameters(model)
     (logger.warning if verbose else logger.info)("lomix: wrapped %d modules; %s", len(targets), count)
+    fused = fused_expert_parameters(model, config)
+    if fused:
+        leaves = [_words(f.rsplit(".", 1)[-1]) for f in fused]
+        wrapped = [name for name in targets if any(_words(name.rsplit(".", 1)[-1]) & leaf for leaf in leaves)]
+        logger.warning(
+            "lomix: target_modules %s also name %d fused expert weight(s) (3-D parameters, e.g. %s) that lomix "
+            "cannot wrap: they stay frozen, without experts. Wrapped instead: %d module(s) (e.g. %s), "
+            "which on a mixture-of-experts base may be only the shared expert.",
+            config.target_modules, len(fused), ", ".join(fused[:3]), len(wrapped), ", ".join(wrapped[:3]) or "none",
+        )  # fmt: skip
     return model
+
+
+def _words(name: str) -> set[str]:
+    return set(name.split("_")) - {"proj", "weight", "bias", ""}
+
+
+def fused_expert_parameters(model: nn.Module, config: MixtureConfig) -> list[str]:
+    """Names of the 3-D (or larger) parameters the targets seem to mean: the routed experts of a
+    mixture-of-experts base, fused into one (experts, out, in) tensor in transformers 5 (Qwen2-MoE's
+    ``mlp.experts.gate_up_proj``), which target names such as ``gate_proj`` cannot wrap."""
+    found = []
+    for name, param in model.named_parameters():
+        if param.dim() < 3:
+            continue
+        if isinstance(config.target_modules, str):
+            meant = re.fullmatch(config.target_modules, name) is not None
+        else:
+            meant = any(_words(name.rsplit(".", 1)[-1]) & _words(t.rsplit(".", 1)[-1]) for t in config.target_modules)
+        if meant:
+            found.append(name)
+    return found
+
+
+def check_targets_run(model: nn.Module, probe: Callable[[], Any], field: str = "target_modules") -> None:
+    """Run ``probe`` (a forward of ``model``; no gradients; the random state and the mixture layers'
+    buffers are left as they were) and raise `TargetNotCalledError` naming every wrapped module
+    whose forward did not run.
+
+    Some modules read a projection's ``.weight`` instead of calling it (Mamba's ``dt_proj``, and
+    its fused CUDA path for ``x_proj``/``out_proj``): wrapped, such a module's experts have exactly
+    zero effect and training silently learns nothing there.
+    """
+    layers = list(mixture_layers(model))
+    called: set[str] = set()
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args, name=name: called.add(name)) for name, layer in layers
+    ]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    # Routers may keep state in buffers (LoRA-Mixer's hard stage marks the experts it routed to):
+    # the probe must leave them as they were, like the random state.
+    buffers = [buffer for _, layer in layers for buffer in layer.buffers()]
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            probe()
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+    missed = [name for name, _ in layers if name not in called]
+    if missed:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in missed})
+        shown = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
+        raise TargetNotCalledError(
+            field,
+            f"{len(missed)} wrapped module(s) never ran in a forward pass ({shown}): their parent reads their "
+            f"weight directly, so their experts would have no effect and learn nothing; leave them out "
+            f"(exclude_modules: {leaves}) or target other modules",
+        )
 
 
 def mixture_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

@@ -40,6 +40,7 @@ from .embedding import DEFAULT_EMBEDDING_MODEL
 from .errors import ConfigError, CorruptFileError, LomixError, MissingFileError, ShapeMismatchError
 from .inject import eject, inject, mixture_layers
 from .layer import linear_dims
+from .paths import unsafe_reason
 from .routers import GliderRouterConfig, build_router
 
 LIBRARY_NAME = "library.json"
@@ -94,7 +95,10 @@ class Library:
                 experts.append(LibraryExpert(**entry))
             except TypeError as exc:
                 raise CorruptFileError(f"{index}: experts[{number}] is malformed ({exc})") from None
-        return cls(path, experts)
+        library = cls(path, experts)
+        for entry in experts:
+            library.folder(entry)  # refuses a folder outside the library before anything is read
+        return library
 
     def names(self) -> list[str]:
         return [e.name for e in self.experts]
@@ -106,6 +110,14 @@ class Library:
         raise ConfigError("library.experts", f"{self.path} has no expert {name!r}; it has: {', '.join(self.names())}")
 
     def folder(self, entry: LibraryExpert) -> Path:
+        """The expert's folder; one that could lead outside the library is refused (the rule
+        `lomix.hub.pull_library` applies to the same index)."""
+        reason = unsafe_reason(entry.folder) if isinstance(entry.folder, str) else "it is not a string"
+        if reason is not None:
+            raise CorruptFileError(
+                f"{self.path / LIBRARY_NAME}: expert {entry.name!r} folder {entry.folder!r} is refused: {reason}; "
+                "lomix never reads or writes outside its folders"
+            )
         return self.path / entry.folder
 
     def write_index(self) -> None:

@@ -125,6 +125,33 @@ def model_folder(cfg: ModelConfig) -> str:
     return source
 
 
+# Any one of these makes a folder loadable by AutoTokenizer (fast, sentencepiece, BPE or WordPiece files).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def load_tokenizer(auto_tokenizer, cfg: ModelConfig, folder: str, kwargs: dict):
+    """AutoTokenizer's tokenizer of ``folder``; a folder without tokenizer files, or one transformers
+    cannot build a tokenizer from, is a one-line `AssetError` (not transformers' multi-line advice)."""
+    where = f"model.name_or_path={cfg.name_or_path!r}"
+    if Path(folder).is_dir() and not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise AssetError(
+            f"{where}: the folder {folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}...); "
+            "copy them from the base model's repository (tokenizer.save_pretrained)"
+        )
+    try:
+        return auto_tokenizer.from_pretrained(folder, **kwargs)
+    except ValueError as exc:
+        first = " ".join(str(exc).split())
+        raise AssetError(f"{where}: cannot build its tokenizer ({first})") from None
+
+
 def load_model_and_tokenizer(cfg: ModelConfig, folder: str | None = None):
     """(model, tokenizer) of the frozen base, in ``cfg.dtype`` (its linear layers in 4 or 8 bits with
     ``model.load_in_4bit`` / ``load_in_8bit``), in eval mode. Safetensors weights only."""
@@ -139,7 +166,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, folder: str | None = None):
     try:
         # A GGUF model is quantized from its cached safetensors copy (folder), never from the GGUF file.
         quantized = quantized_load_kwargs(cfg, folder, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        tokenizer = load_tokenizer(AutoTokenizer, cfg, folder, kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             dtype=DTYPES[cfg.dtype],

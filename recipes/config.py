@@ -233,6 +233,13 @@ class TrainConfig:
         default="linear", metadata={"help": "decay after warm-up: linear or cosine to 0, or constant"}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 disables)"})
+    on_nonfinite: Literal["stop", "skip_step"] = field(
+        default="stop",
+        metadata={
+            "help": "a step whose loss or gradient norm is NaN or infinite: stop with an error naming the last good "
+            "checkpoint, or skip_step (no update; the step still counts)"
+        },
+    )
     group_by_length: int = field(
         default=0,
         metadata={
@@ -483,14 +490,32 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     # PyYAML's constructors raise plain ValueError / IndexError / ... for a malformed tagged scalar
     # (`!!float x`, `!!float` alone): bad YAML all the same.
     except (yaml.YAMLError, ValueError, TypeError, IndexError, OverflowError) as exc:
-        raise ConfigError(source, f"not valid YAML ({exc})") from None
+        raise ConfigError(source, f"not valid YAML ({yaml_problem(exc)})") from None
+
+
+def yaml_problem(exc: Exception) -> str:
+    """PyYAML's error on one line: 'line L, column C: problem' (its own text spans several lines
+    and quotes the snippet with a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = " ".join((f"{context}; {problem}" if context else problem).split())
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        text += " (lomix configs are plain YAML: no tags)"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else text
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "no such config file")
-    data = parse_yaml(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(path), f"not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start]:#04x}); save it as UTF-8"
+        ) from None
+    data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -86,6 +86,13 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+def rows_selectable(cache) -> bool:
+    """True when ``cache`` can gather its rows (``batch_select_indices``), every layer of it included:
+    transformers' recurrent-state layers (Mamba's) lack it."""
+    layers = getattr(cache, "layers", None) or []
+    return hasattr(cache, "batch_select_indices") and all(hasattr(layer, "batch_select_indices") for layer in layers)
+
+
 @torch.no_grad()
 def score_batch(
     model: torch.nn.Module,
@@ -135,6 +142,8 @@ def score_batch(
             task_descriptions=descriptions,
         )
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        if not rows_selectable(cache):  # a state-space (Mamba) cache cannot be copied per choice
+            return score_batch(model, formatter, items, reuse_prompt_cache=False)
         cache.batch_select_indices(rows)  # one copy of its prompt's cache per choice
         lengths = prompt_mask.sum(-1)[rows]
         rest = model(

@@ -31,6 +31,7 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -45,7 +46,8 @@ import lomix
 import lomix.rloo
 from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
-from lomix.errors import CheckpointError, ConfigError
+from lomix.errors import CheckpointError, ConfigError, LomixError
+from lomix.inject import check_targets_run
 from lomix.quant import prepare_kbit_training
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
 from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
@@ -183,9 +185,13 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / STATE_NAME).is_file():
         return path
-    folder = path / CHECKPOINTS
-    found = sorted(folder.glob("step-*")) if folder.is_dir() else []
-    found = [p for p in found if (p / STATE_NAME).is_file()]
+    found = completed_checkpoints(path)
+    if not found and (path / "config.yaml").is_file():
+        raise ConfigError(
+            "resume_from",
+            f"{path} is a run stopped before its first checkpoint: there is nothing to resume; run the same "
+            "command without resume_from to start it again from scratch in that folder",
+        )
     if not found:
         raise ConfigError("resume_from", f"{path} is neither a checkpoint nor a run folder with checkpoints")
     return found[-1]
@@ -243,11 +249,23 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
         *Path(cfg.resume_from).resolve().parents,
     ]
     if (out / "config.yaml").exists() and not resuming_here:
-        raise ConfigError(
-            "output_dir",
-            f"{out} already holds a run; pass resume_from={out} to continue it, or choose another output_dir",
-        )
+        # a final save killed mid-swap leaves the mixture aside (.mixture.old-*): also something to lose
+        if completed_checkpoints(out) or (out / "mixture").exists() or list(out.glob(".mixture.old-*")):
+            raise ConfigError(
+                "output_dir",
+                f"{out} already holds a run; pass resume_from={out} to continue it, or choose another output_dir",
+            )
+        # Killed before its first checkpoint: nothing in it can be resumed, so nothing is lost.
+        if os.environ.get("RANK", "0") == "0":  # the accelerator (and its main-process test) comes later
+            print(f"lomix: {out} holds a run stopped before its first checkpoint; starting it again from scratch")
     return out
+
+
+def completed_checkpoints(run_dir: Path) -> list[Path]:
+    """The run folder's complete checkpoints, oldest first."""
+    folder = run_dir / CHECKPOINTS
+    found = sorted(folder.glob("step-*")) if folder.is_dir() else []
+    return [p for p in found if (p / STATE_NAME).is_file()]
 
 
 def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
@@ -327,6 +345,9 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     lomix.loramixer.freeze_unrouted_experts(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    probe = Collator(tokenizer.pad_token_id)(features[: cfg.train.batch_size])
+    probe = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in probe.items()}
+    check_targets_run(model, lambda: forward(model, probe), "mixture.target_modules")
 
     # accelerate would save and load the whole model, frozen base included: swap in the mixture.
     def save_mixture(models, weights, output_dir):
@@ -342,14 +363,14 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
 
     state = TrainerState()
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = TrainerState(**json.loads((checkpoint / STATE_NAME).read_text()))
+        state = restore_checkpoint(accelerator, checkpoint)
     run = Run(
         cfg, out, accelerator, model, tokenizer, formatter, tasks, test, optimizer, scheduler, loader,
         steps_per_epoch, state,
     )  # fmt: skip
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
         write_text(out / "config.yaml", cfg.to_yaml())
         write_text(out / "tasks.json", json.dumps(tasks.to_dict(), indent=2) + "\n")
         trim_log(out / "log.jsonl", state.step)
@@ -367,6 +388,46 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     return run
 
 
+def restore_checkpoint(accelerator, checkpoint: Path) -> TrainerState:
+    """Load a checkpoint's mixture, optimizer, scheduler and RNG states; the trainer state it holds.
+
+    accelerate skips an unreadable RNG file with an INFO log line and carries on, which makes the
+    resumed run silently differ from the uninterrupted one: every part is checked, and a part that
+    cannot be restored is an error naming it (resume is exact or refused).
+    """
+    from accelerate.utils import RNG_STATE_NAME, load
+
+    inexact = "resuming without it would not continue the run exactly; resume from another of its checkpoints"
+    rng_file = checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    try:
+        rng = load(rng_file)
+        saved_rng = rng["torch_manual_seed"]
+        _ = rng["random_state"], rng["numpy_random_seed"]
+    except Exception as exc:  # missing, cut, or not an RNG state: accelerate would skip it silently
+        raise CheckpointError(
+            f"{rng_file}: the random-number state cannot be read ({_one_line(exc)}); {inexact}"
+        ) from None
+    try:
+        state = TrainerState(**json.loads((checkpoint / STATE_NAME).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{checkpoint / STATE_NAME}: cannot be read ({_one_line(exc)}); {inexact}") from None
+    try:
+        accelerator.load_state(str(checkpoint))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"{checkpoint}: the optimizer or scheduler state cannot be read ({_one_line(exc)}); {inexact}"
+        ) from None
+    if not torch.equal(torch.get_rng_state(), saved_rng):
+        raise CheckpointError(f"{rng_file}: the random-number state was not restored; {inexact}")
+    return state
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
 def flat_config(cfg: FinetuneConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
@@ -381,12 +442,45 @@ def flat_config(cfg: FinetuneConfig) -> dict[str, Any]:
     return flat
 
 
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files and folders (``.NAME.tmp-*``) a killed run left in its folder and
+    its checkpoints folder: no other writer uses a run folder while its run starts."""
+    stale = [*out.glob(".*.tmp-*"), *(out / CHECKPOINTS).glob(".step-*.tmp-*")]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if stale:
+        print(
+            f"lomix: removed {len(stale)} temporary file(s) or folder(s) an interrupted run left in {out}", flush=True
+        )
+
+
 def trim_log(path: Path, step: int) -> None:
-    """On resume, keep only the log lines of steps already done (the rest will be redone)."""
+    """On resume, keep only the log lines of steps already done (the rest will be redone).
+
+    The log is appended line by line, so a run killed while appending leaves its last line cut: that
+    line is dropped with a notice. A broken line anywhere else is damage lomix did not cause: an error.
+    """
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in lines))
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+            done = record["step"] <= step
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if number < len(lines):
+                raise CheckpointError(f"{path}: line {number} is not a log record; fix or remove it") from None
+            print(f"lomix: dropped the cut last line of {path} (the run was killed while logging)", flush=True)
+            continue
+        if done:
+            kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,6 +579,8 @@ def train(run: Run) -> list[dict[str, Any]]:
         loss_sum = torch.zeros((), device=accelerator.device)
         aux_sum = torch.zeros((), device=accelerator.device)
         grad_norm = None
+        finite = torch.ones((), device=accelerator.device)  # 0 once a micro-batch's loss is NaN or infinite
+        skipped = False
         for batch in group:
             with accelerator.accumulate(model):
                 if samples:
@@ -495,23 +591,33 @@ def train(run: Run) -> list[dict[str, Any]]:
                 # accelerate divides by grad_accum, DDP averages over processes: undo both so that the
                 # update is d(sum of answer-token losses of the global batch) / (its answer tokens).
                 loss = (token_sum + surrogate) * (world * cfg.grad_accum / total_answer) + aux
+                finite = finite * torch.isfinite(loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    if cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    run.optimizer.step()
+                    # max_norm=inf measures the norm without clipping (needed for the non-finite check)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                    skipped = nonfinite_step(run, finite, grad_norm)
+                    if not skipped:
+                        run.optimizer.step()
                     run.scheduler.step()
                     run.optimizer.zero_grad(set_to_none=True)
+                    if cfg.max_grad_norm == 0:
+                        grad_norm = None  # not clipped: logged as before
             loss_sum += token_sum.detach()
             aux_sum += aux.detach()
         state.step += 1
         totals = accelerator.reduce(torch.stack([loss_sum, aux_sum / cfg.grad_accum]), reduction="sum")
         step_loss = float(totals[0]) / total_answer
         seconds = time.perf_counter() - start
+        if skipped:
+            run.print(f"lomix: step {state.step} skipped: its loss or gradient norm is not finite (train.on_nonfinite)")
+            step_loss = 0.0
+            window["skipped"] = window.get("skipped", 0) + 1
+        else:
+            window["steps"] += 1
         window["loss"] += step_loss
         window["tokens"] += int(counts[1])
         window["seconds"] += seconds
-        window["steps"] += 1
         bar.update(1)
         bar.set_postfix(
             loss=f"{step_loss:.4f}", lr=f"{lrs.get('experts', 0.0):.2e}", tok_s=f"{int(counts[1]) / seconds:.0f}"
@@ -520,13 +626,15 @@ def train(run: Run) -> list[dict[str, Any]]:
             record = {
                 "step": state.step,
                 "epoch": state.epoch,
-                "loss": window["loss"] / window["steps"],
+                "loss": window["loss"] / window["steps"] if window["steps"] else math.nan,
                 "aux_loss": float(totals[1]) / world,
                 "lr": lrs.get("experts", 0.0),
                 "router_lr": lrs.get("routers", lrs.get("experts", 0.0)),
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
             }
+            if window.get("skipped"):
+                record["skipped_steps"] = window["skipped"]
             if stats is not None:
                 record.update(routing_record(stats))
                 stats.reset()
@@ -543,6 +651,36 @@ def train(run: Run) -> list[dict[str, Any]]:
     if stats is not None:
         stats.__exit__(None, None, None)
     return records
+
+
+class NonFiniteError(LomixError, FloatingPointError):
+    """A training step's loss or gradient became NaN or infinite (train.on_nonfinite=stop)."""
+
+
+def nonfinite_step(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    """True when this step must not update the weights (train.on_nonfinite=skip_step); raises
+    `NonFiniteError` under ``stop``. Every process takes the same decision (the flags are summed).
+
+    Under fp16 the gradient scaler skips overflowing steps by design: only the loss counts there.
+    """
+    norm_bad = grad_norm is not None and not math.isfinite(float(grad_norm)) and run.accelerator.scaler is None
+    flags = torch.tensor([float(1 - finite), float(norm_bad)], device=run.accelerator.device)
+    flags = run.accelerator.reduce(flags, reduction="sum")
+    if not bool(flags.any()):
+        return False
+    if run.cfg.train.on_nonfinite == "skip_step":
+        return True
+    what = "loss" if float(flags[0]) else f"gradient norm ({float(grad_norm)})"
+    done = completed_checkpoints(run.out)
+    keep = (
+        f"the last good checkpoint is {done[-1]} (resume_from={done[-1]}, with a lower train.lr say)"
+        if done
+        else "no checkpoint was saved before it"
+    )
+    raise NonFiniteError(
+        f"train: the {what} is not finite at step {run.state.step + 1}; stopped before updating the weights "
+        f"and saving the mixture; {keep}; train.on_nonfinite=skip_step skips such steps instead"
+    )
 
 
 def log(run: Run, record: dict[str, Any], bar=None) -> None:

@@ -68,3 +68,24 @@ def test_several_processes_without_a_gpu_use_the_cpu_backend(monkeypatch):
     assert assets.cpu_processes() is expected
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert assets.cpu_processes() is False
+
+
+def test_a_model_folder_without_tokenizer_files_is_one_plain_error(tmp_path):
+    """transformers raises a multi-line ValueError suggesting sentencepiece; lomix names the folder."""
+    import shutil
+
+    folder = make_model_dir(tmp_path / "model")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(folder / name, bare / name)
+    with pytest.raises(assets.AssetError) as caught:
+        assets.load_model_and_tokenizer(ModelConfig(name_or_path=str(bare)))
+    message = str(caught.value)
+    assert "\n" not in message and "holds no tokenizer files" in message and str(bare) in message
+    assert "sentencepiece" not in message
+    # a tokenizer file transformers cannot build from is one line too (its own text, joined)
+    (bare / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    with pytest.raises(assets.AssetError, match=r"cannot build its tokenizer") as caught:
+        assets.load_model_and_tokenizer(ModelConfig(name_or_path=str(bare)))
+    assert "\n" not in str(caught.value)

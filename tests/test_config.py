@@ -90,3 +90,20 @@ def test_wrong_types_are_rejected_with_the_expected_type():
         lomix.MixtureConfig.from_dict({"target_modules": 3})
     # ints are accepted where floats are expected (YAML writes 16 for 16.0)
     assert lomix.MixtureConfig.from_dict({"alpha": 16}).alpha == 16.0
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), 0, 0.0, -2.0])
+def test_alpha_must_be_finite_and_positive(alpha):
+    """Issue 25, item 6: a NaN alpha trained to loss nan and saved a NaN mixture."""
+    with pytest.raises(ConfigError, match=r"^alpha: must be a finite number > 0, got"):
+        lomix.MixtureConfig(alpha=alpha)
+    assert lomix.MixtureConfig(alpha=1e-3).scale == pytest.approx(1e-3 / 8)
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "0", "-1"])
+def test_a_recipe_alpha_override_is_validated_naming_mixture_alpha(text):
+    from lomix.recipes.config import apply_overrides, build_config
+
+    data = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    with pytest.raises(ConfigError, match=r"^mixture.alpha: must be a finite number > 0"):
+        build_config(apply_overrides(data, [f"mixture.alpha={text}"]))

@@ -150,3 +150,40 @@ def test_results_table_has_a_row_per_task_and_the_mean():
     assert table[0] == "| task | metric | n | chance | majority | base | mixture | change |"
     assert table[2] == "| a | accuracy | 4 | 0.500 | 0.750 | 0.250 | 0.750 | +0.500 |"
     assert table[3].startswith("| **mean** |") and table[3].endswith("| 0.250 | 0.750 | +0.500 |")
+
+
+@pytest.fixture(scope="module")
+def tiny_mamba(tiny):
+    """A config-built 2-layer Mamba with the tiny tokenizer, wrapped on in_proj and out_proj."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    _, tokenizer = tiny
+    torch.manual_seed(0)
+    config = MambaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
+        time_step_rank=4, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = MambaForCausalLM(config).eval()
+    lomix.inject(model, lomix.MixtureConfig(target_modules=["in_proj", "out_proj"], num_experts=4))
+    randomize_experts(model, std=0.5)
+    return model, tokenizer
+
+
+def test_a_mamba_cache_falls_back_to_scoring_whole_sequences(tiny_mamba):
+    """Issue 25, item 8: Mamba's cache layers lack batch_select_indices; with the default
+    (reuse_prompt_cache=True) scoring crashed. It now scores each choice as a whole sequence."""
+    model, tokenizer = tiny_mamba
+    prompt = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    assert not evaluation.rows_selectable(prompt.cache)  # the case this test is about
+    formatter = Formatter(tokenizer, DataConfig(train="t.jsonl"))
+    items = [
+        (Example("color", "color number 2 7", choices=["red", "green", "blue"], label=0), 0, "colors"),
+        (Example("parity", "is 12 even or odd " * 3, choices=["even", "odd stone"], label=0), 1, "parity"),
+    ]
+    batched = evaluation.score_batch(model, formatter, items)  # the default: reuse requested
+    for (example, task_id, _), scores in zip(items, batched, strict=True):
+        assert scores == pytest.approx(reference_scores(model, tokenizer, formatter, example, task_id), abs=1e-4)
+    tasks = TaskSet(["color", "parity"], {"color": "colors", "parity": "parity"})
+    examples = [example for example, _, _ in items]
+    results = evaluation.evaluate_model(model, formatter, examples, tasks, EvalConfig(max_new_tokens=2), progress=False)
+    assert results["tasks"]["color"]["n"] == 1 and results["tasks"]["parity"]["n"] == 1

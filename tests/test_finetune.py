@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
 import pytest
 import torch
 from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_jsonl
+from torch.nn import functional as F
 
-from lomix.errors import ConfigError
+import lomix
+from lomix.errors import CheckpointError, ConfigError
 from lomix.recipes import finetune
 from lomix.recipes.config import TrainConfig, build_config
 
@@ -132,9 +135,9 @@ def test_resume_depends_on_every_restored_state(assets, tmp_path, run_recipe):
     resumed = run_recipe(config(assets, tmp_path / "resumed", resume_from=str(checkpoint)))
     assert loss_list(resumed) == pytest.approx(reference, abs=1e-6)
 
-    no_rng = tmp_path / "no_rng"
+    no_rng = tmp_path / "no_rng"  # a valid RNG state, but another step's
     shutil.copytree(checkpoint, no_rng)
-    (no_rng / "random_states_0.pkl").unlink()
+    shutil.copyfile(checkpoint.parent / "step-000006" / "random_states_0.pkl", no_rng / "random_states_0.pkl")
     other = run_recipe(config(assets, tmp_path / "other", resume_from=str(no_rng)))
     assert loss_list(other) != pytest.approx(reference, abs=1e-6)
 
@@ -204,3 +207,207 @@ def test_batches_carry_task_ids_and_descriptions_to_every_router(assets, tmp_pat
         assert groups == pytest.approx({"experts": 2e-2 / 2, "routers": 0.5 / 2})
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_a_cut_last_log_line_is_dropped_with_a_notice(tmp_path, capsys):
+    """A kill during the log append leaves half a line (issue 25, item 1); resume drops it."""
+    records = [{"step": s, "loss": 1.0 / s, "routing": {"layer": {"load": [0.25] * 4}}} for s in (1, 2, 3)]
+    lines = [json.dumps(r) for r in records]
+    log = tmp_path / "log.jsonl"
+    for cut in (1, len(lines[2]) // 2, len(lines[2]) - 1):  # any strict prefix of the last record
+        log.write_text("".join(line + "\n" for line in lines[:2]) + lines[2][:cut])
+        finetune.trim_log(log, 2)
+        assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+        notice = capsys.readouterr().out
+        assert notice.count("\n") == 1 and "dropped the cut last line of" in notice and str(log) in notice
+    log.write_text("".join(line + "\n" for line in lines))  # a complete log: trimmed to the step, silently
+    finetune.trim_log(log, 1)
+    assert log.read_text() == lines[0] + "\n" and capsys.readouterr().out == ""
+    log.write_text(lines[0] + "\n" + lines[1][:10] + "\n" + lines[2] + "\n")  # damage in the middle is not ours
+    with pytest.raises(CheckpointError, match=r"log.jsonl: line 2 is not a log record"):
+        finetune.trim_log(log, 3)
+
+
+def test_resume_in_place_after_a_cut_log_line_continues_exactly(assets, tmp_path, run_recipe):
+    full = run_recipe(config(assets, tmp_path / "full", train={**_train(), "save_every": 3}))
+    out = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", out, ignore=lambda folder, names: ["step-000006"] * ("step-000006" in names))
+    shutil.rmtree(out / "mixture")  # a run killed at step 5 has no final mixture yet
+    log = out / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("".join(line + "\n" for line in lines[:4]) + lines[4][: len(lines[4]) // 2])  # killed at step 5
+    resumed = run_recipe(config(assets, out, train={**_train(), "save_every": 3}, resume_from=str(out)))
+    assert loss_list(resumed) == pytest.approx(loss_list(full)[3:], abs=1e-6)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["loss"] for r in logged] == pytest.approx(loss_list(full), abs=1e-6)
+
+
+def test_temporary_folders_of_a_killed_run_are_removed_when_it_starts_again(assets, tmp_path, run_recipe, capsys):
+    """Issue 25, item 3: `.step-N.tmp-*` (a kill while saving a checkpoint) and `.NAME.tmp-*` files."""
+    out = tmp_path / "run"
+    run_recipe(config(assets, out, train={**_train(), "max_steps": 3, "save_every": 3}))
+    partial = out / "checkpoints" / ".step-000006.tmp-0123abcd"
+    shutil.copytree(out / "checkpoints" / "step-000003", partial)  # a kill after most files were written
+    (partial / finetune.STATE_NAME).unlink()
+    (out / ".log.jsonl.tmp-89abcdef").write_text('{"step": 1')
+    (out / "checkpoints" / "step-000009").mkdir()  # not a temporary: kept (find_checkpoint skips it)
+    capsys.readouterr()
+    run_recipe(config(assets, out, train={**_train(), "save_every": 3}, resume_from=str(out)))
+    assert "removed 2 temporary file(s) or folder(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006", "step-000009"]
+    assert not list(out.glob(".*"))
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(assets, tmp_path, run_recipe, capsys):
+    """Issue 25, item 2: nothing to lose (no checkpoint, no mixture), so the same command restarts it."""
+    out = tmp_path / "run"
+    first = run_recipe(config(assets, out))
+    shutil.rmtree(out / "mixture")  # what a kill at step 4 of 6 leaves: config, tasks, a partial log
+    log = out / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:4]))
+    with pytest.raises(ConfigError, match=r"resume_from: .* stopped before its first checkpoint.* without resume_from"):
+        run_recipe(config(assets, out, resume_from=str(out)))
+    capsys.readouterr()
+    again = run_recipe(config(assets, out))
+    assert "stopped before its first checkpoint; starting it again from scratch" in capsys.readouterr().out
+    assert loss_list(again) == loss_list(first)  # a fresh run, the same seed
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ConfigError, match=r"already holds a run; pass resume_from="):  # now it has a mixture
+        run_recipe(config(assets, out))
+    shutil.rmtree(out / "mixture")
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)
+    (out / "checkpoints" / "step-000002" / finetune.STATE_NAME).write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds a run; pass resume_from="):  # a checkpoint to lose
+        run_recipe(config(assets, out))
+
+
+@pytest.fixture(scope="module")
+def three_steps(assets, tmp_path_factory):
+    """A 3-step run folder with a checkpoint at step 3."""
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path_factory.mktemp("three") / "run"
+    try:
+        finetune.run(config(assets, out, train={**_train(), "max_steps": 3, "save_every": 3}))
+    finally:
+        AcceleratorState._reset_state(True)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "says"),
+    [
+        ("random_states_0.pkl", "delete", r"random_states_0.pkl: the random-number state cannot be read"),
+        ("random_states_0.pkl", "cut", r"random_states_0.pkl: the random-number state cannot be read"),
+        ("optimizer.bin", "delete", r"step-000003: the optimizer or scheduler state cannot be read"),
+        ("scheduler.bin", "cut", r"step-000003: the optimizer or scheduler state cannot be read"),
+        ("trainer_state.json", "cut", r"trainer_state.json: cannot be read"),
+    ],
+)
+def test_an_unreadable_training_state_refuses_to_resume_inexactly(
+    assets, three_steps, tmp_path, run_recipe, name, damage, says
+):
+    """Issue 25, item 5: accelerate skips an unreadable RNG state silently (the losses then differ, see
+    test_resume_depends_on_every_restored_state); lomix refuses, naming the file."""
+    checkpoint = tmp_path / "step-000003"
+    shutil.copytree(three_steps / "checkpoints" / "step-000003", checkpoint)
+    if damage == "delete":
+        (checkpoint / name).unlink()
+    else:
+        data = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=says + r".*would not continue the run exactly") as caught:
+        run_recipe(config(assets, tmp_path / "resumed", resume_from=str(checkpoint)))
+    assert "\n" not in str(caught.value)
+
+
+def poisoned_loss(monkeypatch, at_call: int):
+    """answer_loss_sum returns NaN on its ``at_call``-th call (1-based): one call per step here."""
+    original, calls = finetune.answer_loss_sum, []
+
+    def poisoned(logits, labels):
+        calls.append(1)
+        value = original(logits, labels)
+        return value * float("nan") if len(calls) == at_call else value
+
+    monkeypatch.setattr(finetune, "answer_loss_sum", poisoned)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp_path, run_recipe, monkeypatch):
+    """Issue 25, item 6: a NaN loss used to train on, exit 0 and save a NaN mixture."""
+    from safetensors.torch import load_file
+
+    sections = {"train": {**_train(), "save_every": 3}}
+    reference = run_recipe(config(assets, tmp_path / "reference", **sections))
+    poisoned_loss(monkeypatch, at_call=5)
+    out = tmp_path / "nan"
+    with pytest.raises(finetune.NonFiniteError, match=r"train: the loss is not finite at step 5; stopped") as caught:
+        run_recipe(config(assets, out, **sections))
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step-000003'}" in str(caught.value)
+    assert "train.on_nonfinite=skip_step" in str(caught.value) and isinstance(caught.value, lomix.LomixError)
+    assert not (out / "mixture").exists() and not (out / "checkpoints" / "step-000006").exists()
+    weights = "checkpoints/step-000003/mixture/lomix_model.safetensors"
+    good, expected = load_file(str(out / weights)), load_file(str(tmp_path / "reference" / weights))
+    assert good.keys() == expected.keys() and all(torch.equal(good[k], expected[k]) for k in good)
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == loss_list(reference)[:4]  # steps 1-4; step 5 never logged
+
+
+def test_a_nan_gradient_stops_the_run_even_with_a_finite_loss(assets, tmp_path, run_recipe):
+    from lomix.recipes.fewshot import build_mixture
+
+    calls = []
+
+    def build(model, *args):
+        build_mixture(model, *args)
+        first = next(p for p in model.parameters() if p.requires_grad)
+        first.register_hook(lambda grad: grad * float("inf") if calls.append(1) or len(calls) == 2 else grad)
+
+    cfg = config(assets, tmp_path / "inf", train={**_train(), "max_grad_norm": 0.0})  # not clipped: still checked
+    with pytest.raises(finetune.NonFiniteError, match=r"the gradient norm \((nan|inf)\) is not finite at step 2.*no"):
+        try:
+            finetune.run(cfg, build=build)
+        finally:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(True)
+
+
+def test_skip_step_leaves_the_weights_of_a_nan_step_unchanged(assets, tmp_path, run_recipe, monkeypatch):
+    from safetensors.torch import load_file
+
+    poisoned_loss(monkeypatch, at_call=4)
+    out = tmp_path / "skip"
+    train = {**_train(), "save_every": 1, "keep_checkpoints": 10, "on_nonfinite": "skip_step"}
+    result = run_recipe(config(assets, out, train=train))
+    records = {r["step"]: r for r in result["records"]}
+    assert records[4]["skipped_steps"] == 1 and math.isnan(records[4]["loss"])
+    assert all("skipped_steps" not in r and math.isfinite(r["loss"]) for s, r in records.items() if s != 4)
+
+    def mixture(step):
+        return load_file(str(out / "checkpoints" / f"step-{step:06d}" / "mixture" / "lomix_model.safetensors"))
+
+    before, after, later = mixture(3), mixture(4), mixture(5)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update at the skipped step
+    assert not all(torch.equal(after[k], later[k]) for k in after)  # training went on
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "mixture" / "lomix_model.safetensors")).values())
+
+
+def test_training_refuses_targets_whose_forward_never_runs(assets, tmp_path, run_recipe):
+    """Issue 25, item 7, in the recipe: one MLP reads its down_proj's weight instead of calling it."""
+    from lomix.recipes.fewshot import build_mixture
+
+    def build(model, *args):
+        build_mixture(model, *args)
+        mlp = model.model.layers[1].mlp
+        mlp.forward = lambda x: F.linear(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj.weight)
+
+    cfg = config(assets, tmp_path / "run")
+    with pytest.raises(lomix.errors.TargetNotCalledError, match=r"^mixture.target_modules: 1 wrapped module") as e:
+        try:
+            finetune.run(cfg, build=build)
+        finally:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(True)
+    assert "(model.layers.1.mlp.down_proj)" in str(e.value) and not (tmp_path / "run" / "log.jsonl").exists()

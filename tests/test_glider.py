@@ -332,3 +332,37 @@ def test_a_library_pulls_from_the_hub_pinned_to_one_commit(tmp_path, monkeypatch
         assert not (tmp_path / "out2").exists()
     local = lomix.hub.pull_library(tmp_path / "lib", tmp_path / "copy")  # a folder works too
     assert local.names() == ["a", "b"]
+
+
+def test_every_library_loader_refuses_a_folder_outside_the_library_like_pull_library(tmp_path):
+    """One path rule (issue 25, item 11): an index entry ``folder: ../outside`` pointing at a real,
+    loadable mixture outside the library is refused by Library.open, load_library and pull_library."""
+    import shutil
+
+    import lomix.hub
+    from lomix.hub.spec import unsafe_reason
+    from lomix.library import LibraryExpert
+
+    library = Library.open(tmp_path / "lib", create=True)
+    library.add(trained_expert(0, ["q_proj"]), "a", DESCRIPTIONS[0])
+    shutil.copytree(library.folder(library.experts[0]), tmp_path / "outside")  # a valid mixture out there
+    index = json.loads((library.path / "library.json").read_text())
+    index["experts"][0]["folder"] = "../outside"
+    (library.path / "library.json").write_text(json.dumps(index))
+    reason = unsafe_reason("../outside")
+    assert reason is not None and "'..'" in reason
+    with pytest.raises(lomix.CorruptFileError, match=r"expert 'a' folder '\.\./outside' is refused: .*'\.\.'"):
+        Library.open(library.path)
+    with pytest.raises(lomix.CorruptFileError, match=r"'\.\./outside' is refused"):
+        load_library(MODEL_CASES["llama"].build(), library.path)
+    in_memory = Library(library.path, [LibraryExpert("a", DESCRIPTIONS[0], "../outside")])
+    with pytest.raises(lomix.CorruptFileError, match=r"'\.\./outside' is refused"):
+        load_library(MODEL_CASES["llama"].build(), in_memory)
+    with pytest.raises(lomix.LomixError, match=r"'\.\./outside'.*'\.\.'"):
+        lomix.hub.pull_library(library.path, tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
+    for bad in ("/abs/expert", "experts/../../x", "a\\b"):  # the other shapes of the rule, same refusal
+        index["experts"][0]["folder"] = bad
+        (library.path / "library.json").write_text(json.dumps(index))
+        with pytest.raises(lomix.CorruptFileError, match="is refused"):
+            Library.open(library.path)

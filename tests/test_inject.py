@@ -250,3 +250,112 @@ def test_topk_layer_output_is_the_routed_sum_over_the_k_best_experts(k, renormal
             expected[i, t] = W @ token + b + 2.0 * delta  # s = alpha / r = 2
     assert (expected - (x.double() @ W.T + b)).abs().max() > 0.1  # the experts matter
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+class ReadsItsWeight(torch.nn.Module):
+    """Calls ``called`` but reads ``dt_proj.weight`` directly, as Mamba's fused path does."""
+
+    def __init__(self):
+        super().__init__()
+        self.called = torch.nn.Linear(8, 8)
+        self.dt_proj = torch.nn.Linear(8, 8)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.called(x)) + x @ self.dt_proj.weight.T
+
+
+def test_a_wrapped_module_whose_forward_never_runs_is_named():
+    """Issue 25, item 7: such a module's experts have exactly zero effect and no gradient."""
+    from lomix.inject import check_targets_run
+
+    torch.manual_seed(0)
+    model = lomix.inject(ReadsItsWeight(), lomix.MixtureConfig(target_modules=["called", "dt_proj"], num_experts=2))
+    randomize_experts(model, std=0.5)
+    x = torch.randn(3, 8)
+    layer = model.dt_proj
+    model.eval()
+    expected = model.called(x) + x @ layer.base_layer.weight.T  # the experts of dt_proj add nothing
+    assert torch.equal(model(x), expected)
+    model.train()
+    model(x).sum().backward()
+    assert layer.experts.A.grad is None and model.called.experts.A.grad.abs().sum() > 0
+    state = torch.get_rng_state()
+    with pytest.raises(lomix.errors.TargetNotCalledError, match=r"^target_modules: 1 wrapped module\(s\) never") as e:
+        check_targets_run(model, lambda: model(x))
+    assert "(dt_proj)" in str(e.value) and "exclude_modules: ['dt_proj']" in str(e.value)
+    assert torch.equal(torch.get_rng_state(), state)  # the probe's dropout drew from a forked RNG
+    called_only = lomix.inject(ReadsItsWeight(), lomix.MixtureConfig(target_modules=["called"], num_experts=2))
+    check_targets_run(called_only, lambda: called_only(x))  # every target runs: no error
+
+
+def test_mamba_dt_proj_is_named_as_never_called():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from lomix.inject import check_targets_run
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, time_step_rank=4)
+    model = MambaForCausalLM(config).train()  # training takes the fused path, which reads dt_proj.weight
+    lomix.inject(model, lomix.MixtureConfig(target_modules=["in_proj", "dt_proj", "out_proj"], num_experts=2))
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.raises(lomix.errors.TargetNotCalledError, match=r"2 wrapped module\(s\) never ran") as caught:
+        check_targets_run(model, lambda: model(input_ids=ids))
+    assert "backbone.layers.0.mixer.dt_proj, backbone.layers.1.mixer.dt_proj)" in str(caught.value)
+    model = lomix.inject(MambaForCausalLM(config).train(), lomix.MixtureConfig(target_modules=["in_proj", "out_proj"]))
+    check_targets_run(model, lambda: model(input_ids=ids))  # every target runs: no error
+
+
+def tiny_qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+        shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    return Qwen2MoeForCausalLM(config)
+
+
+def test_moe_targets_that_match_only_the_shared_expert_warn_naming_both(caplog):
+    """Issue 25, item 9: on Qwen2-MoE the routed experts are fused 3-D parameters in transformers 5;
+    gate_proj/up_proj/down_proj wrap only the shared expert."""
+    model = tiny_qwen2_moe()
+    fused = [name for name, p in model.named_parameters() if p.dim() == 3]  # independent list
+    assert fused == [f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("gate_up_proj", "down_proj")]
+    with caplog.at_level("WARNING", logger="lomix.inject"):
+        lomix.inject(model, lomix.MixtureConfig(target_modules=["gate_proj", "up_proj", "down_proj"], num_experts=2))
+    wrapped = [name for name, _ in lomix.mixture_layers(model)]
+    assert all(".shared_expert." in name for name in wrapped) and len(wrapped) == 6
+    (record,) = [r for r in caplog.records if "fused expert" in r.getMessage()]
+    message = record.getMessage()
+    assert "4 fused expert weight(s)" in message and ", ".join(fused[:3]) in message
+    assert "Wrapped instead: 6 module(s) (e.g. model.layers.0.mlp.shared_expert.gate_proj" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lomix.inject"):  # attention targets mean no fused weight: silent
+        lomix.inject(tiny_qwen2_moe(), lomix.MixtureConfig(target_modules=["q_proj", "v_proj"], num_experts=2))
+        lomix.inject(tiny_qwen2_moe(), lomix.MixtureConfig(target_modules=r".*self_attn\.(q|v)_proj", num_experts=2))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="lomix.inject"):  # a regex that means them too
+        lomix.inject(tiny_qwen2_moe(), lomix.MixtureConfig(target_modules=r".*mlp\..*_proj", num_experts=2))
+    assert any("4 fused expert weight(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_the_probe_leaves_router_buffers_as_they_were():
+    """LoRA-Mixer's hard stage marks the experts a training forward routed to (router.used): the
+    probe forward must not, or the first optimizer step would move experts no batch routed to."""
+    from lomix.inject import check_targets_run
+
+    config = lomix.MixtureConfig(
+        target_modules=["proj"], num_experts=4, router=lomix.router_config("loramixer", stage="hard"),
+        balance=lomix.BalanceConfig(switch=0.0),
+    )  # fmt: skip
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(10, 6))
+    lomix.inject(model, config).train()
+    x = torch.randn(2, 3, 10)
+    check_targets_run(model, lambda: model(x, task_ids=[1, 3]))
+    assert not model.proj.router.used.any()
+    model(x, task_ids=[1, 3])  # the same forward outside the probe does mark them
+    assert model.proj.router.used.tolist() == [False, True, False, True]

@@ -194,3 +194,27 @@ def test_every_command_has_help():
     top = lomix_cli("--help").stdout
     for verb in ("train", "eval", "recipes", "show"):
         assert verb in top
+
+
+def test_a_config_file_that_is_not_utf8_is_one_plain_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model:\n  name_or_path: caf\u00e9\n".encode("latin-1"))  # é is byte 26 (0-based)
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not a UTF-8 text file \(byte 26 is 0xe9\)"):
+        rc.load_config(path)
+    result = subprocess.run([LOMIX, "train", str(path)], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "not a UTF-8 text file" in result.stderr
+
+
+def test_yaml_errors_and_tag_refusals_are_one_line_with_the_position(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        rc.parse_yaml("seed: 1\nmodel: !!python/object/apply:os.system [echo]\n", "c.yaml")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("c.yaml: not valid YAML (line 2, column 8: ")
+    assert "python/object/apply:os.system" in message and "no tags" in message
+    with pytest.raises(ConfigError, match=r"^train.lr=\[1: not valid YAML \(line 1, column 3: .*\)$"):
+        rc.apply_overrides({}, ["train.lr=[1"])
+    path = tmp_path / "tag.yaml"
+    path.write_text("seed: !custom 3\n")
+    result = subprocess.run([LOMIX, "train", str(path)], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "!custom" in result.stderr

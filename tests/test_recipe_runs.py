@@ -177,6 +177,7 @@ def test_a_run_killed_mid_checkpoint_keeps_the_previous_one_and_resumes(referenc
     resumed = lomix_cli("train", *args[1:], f"resume_from={killed}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 2" in resumed.stdout
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")], "the partial folder was not removed"
     expected, got = losses(run), losses(killed)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
