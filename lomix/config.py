@@ -95,9 +95,7 @@ class MixtureConfig:
         self.router.validate(self.num_experts)
         if self.merged is not None:
             self.merged.validate(self.num_experts)
-        check = getattr(self.router, "validate_mixture", None)
-        if check is not None:  # rules that involve other mixture fields (remix: no balance loss)
-            check(self)
+        self.router.validate_mixture(self)  # rules that involve other mixture fields (remix: no balance loss)
 
     @property
     def scale(self) -> float:

@@ -28,7 +28,7 @@ def parameter_groups(
     for _, layer in mixture_layers(model):
         router_ids.update(id(p) for p in layer.router.parameters())
         expert_ids.update(id(p) for p in layer.experts.parameters())
-        router_defaults.add(getattr(layer.router, "default_lr", None))
+        router_defaults.add(layer.router.default_lr)
     if router_lr is None and len(router_defaults) == 1:
         router_lr = router_defaults.pop()  # None (the routers have no preference) keeps lr
     groups: dict[str, list[nn.Parameter]] = {"experts": [], "routers": [], "other": []}

@@ -78,7 +78,7 @@ def whole_sequences(model: torch.nn.Module) -> bool:
     """True when a router of the model routes on whole sequences (remix, granularity=sequence): a
     KV-cached continuation would route its new tokens alone, so such models score and generate
     without a cache."""
-    return any(getattr(layer.router.config, "needs_whole_sequences", False) for _, layer in lomix.mixture_layers(model))
+    return any(layer.router.config.needs_whole_sequences for _, layer in lomix.mixture_layers(model))
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:

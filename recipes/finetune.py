@@ -468,7 +468,7 @@ def train(run: Run) -> list[dict[str, Any]]:
         dynamic_ncols=True,
     )
     window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
-    samples = run.cfg.rloo.samples if getattr(run.cfg.router, "estimator", None) == "rloo" else None
+    samples = run.cfg.rloo.samples if run.cfg.mixture.router.estimator == "rloo" else None
     # Hooks on the layers; closed after the loop (gradient checkpointing records each routing twice,
     # identically, which leaves the logged means unchanged).
     stats = RoutingStats(run.unwrapped, training_only=True).__enter__() if cfg.routing_stats else None

@@ -150,7 +150,7 @@ def soft_builder(source: Path | list[str]):
         import lomix.hub
         from lomix.loramixer import freeze_experts, set_router
 
-        router = {f.name: getattr(cfg.router, f.name) for f in dataclasses.fields(cfg.router)}
+        router = dict(vars(cfg.mixture.router))  # its dataclass fields
         if isinstance(source, list):
             lomix.hub.load_peft_experts(
                 model, source, router=cfg.router, balance=cfg.mixture.balance, kernel=cfg.mixture.kernel

@@ -2,18 +2,25 @@
 
 A router is one file: a config dataclass (subclass of `RouterConfig`) and a module (subclass of
 `Router`) registered together with `@register_router("name", ConfigClass)`.
+
+The contract is written down here: every hook that the layer, `lomix.inject`, the optimizer set-up
+(`lomix.parameter_groups`) or a recipe may call is declared below with a no-op default, and callers
+call it unconditionally. A router overrides only the hooks it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from ..errors import ConfigError
 from ..typed import from_dict, to_dict
+
+if TYPE_CHECKING:
+    from ..config import MixtureConfig
 
 
 @dataclass
@@ -22,8 +29,33 @@ class RouterConfig:
 
     name: ClassVar[str] = ""
 
+    estimator: ClassVar[str | None] = None
+    """How a recipe trains this router: None (backpropagation through the gates) or ``"rloo"`` (the
+    selection is sampled; the finetune recipe runs ``rloo.samples`` selections per example, remix)."""
+
     def validate(self, num_experts: int) -> None:
         """Raise `ConfigError` (field ``router.<name>``) for values impossible with ``num_experts``."""
+
+    def validate_mixture(self, mixture: MixtureConfig) -> None:
+        """Raise `ConfigError` for rules that involve other mixture fields (remix: no balance loss).
+
+        Called by `MixtureConfig` after every field is checked, with the router's defaults applied.
+        """
+
+    def mixture_defaults(self) -> dict[str, Any]:
+        """Values of other `MixtureConfig` fields this router needs, as nested plain dicts
+        (remix: ``{"balance": {"switch": 0.0}}``).
+
+        They replace the generic defaults of fields the user did not set (with a notice in the
+        recipes); a value the user did set explicitly is checked by `validate_mixture` instead.
+        """
+        return {}
+
+    @property
+    def needs_whole_sequences(self) -> bool:
+        """True when a forward call must see whole sequences: no KV-cached continuation (remix with
+        granularity=sequence routes on the mean of all tokens of one call)."""
+        return False
 
     @classmethod
     def from_config_dict(cls, data: Any, path: str = "router") -> RouterConfig:
@@ -42,19 +74,34 @@ class Router(nn.Module):
     layer input of shape (..., d_in) (the leading dims are (batch, seq) for transformers) and
     context the batch's `RoutingContext`.
 
-    Optional hooks the layer calls when present: ``check_layer(name, d_in, d_out)`` (refuse a layer)
-    and ``bind_mixture(mixture_config)`` (gates that depend on the rank or the LoRA scale, remix);
-    a config may define ``validate_mixture(mixture_config)``, which `MixtureConfig` calls.
+    The hooks below are called by `MixtureLinear` when it is built, in this order:
+    ``check_layer``, ``init_experts``, ``bind_mixture``; `lomix.parameter_groups` reads
+    ``default_lr``. Each default does nothing.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[RouterConfig]] = RouterConfig
+
+    default_lr: ClassVar[float | None] = None
+    """The router's own learning rate when the user gives none (Poly/MHR: 0.1, the paper's rate);
+    None: the experts' rate."""
 
     def __init__(self, config: RouterConfig, d_in: int, num_experts: int):
         super().__init__()
         self.config = config
         self.d_in = d_in
         self.num_experts = num_experts
+
+    def check_layer(self, name: str, d_in: int, d_out: int) -> None:
+        """Raise `ConfigError` when this router cannot serve layer ``name`` (d_in -> d_out) (Poly/MHR:
+        the heads must divide both sizes)."""
+
+    def init_experts(self, experts: nn.Module) -> None:
+        """Re-initialise the layer's fresh `ExpertBank` the router's way (Poly/MHR: A per head);
+        the default keeps the bank's own initialisation."""
+
+    def bind_mixture(self, mixture: MixtureConfig) -> None:
+        """Learn the layer's mixture config (rank, LoRA scale) for gates that depend on them (remix's omega)."""
 
     def extra_repr(self) -> str:
         return f"{self.name}, d_in={self.d_in}, experts={self.num_experts}"
