@@ -25,6 +25,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .experts import ExpertBank
+from .frozen import disabled, inject_frozen_experts, update_router
 from .inject import (
     count_parameters,
     eject,
@@ -72,10 +73,12 @@ __all__ = [
     "available_routers",
     "average_skills",
     "count_parameters",
+    "disabled",
     "eject",
     "embedding",
     "find_targets",
     "inject",
+    "inject_frozen_experts",
     "library",
     "load",
     "loramixer",
@@ -92,4 +95,5 @@ __all__ = [
     "save",
     "switch_load_balancing_loss",
     "train_only_task_rows",
+    "update_router",
 ]

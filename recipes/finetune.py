@@ -165,19 +165,6 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(type(inner).forward).parameters
 
 
-@contextlib.contextmanager
-def mixture_disabled(model: torch.nn.Module):
-    """Run the frozen base alone (the "before" evaluation)."""
-    layers = [layer for _, layer in lomix.mixture_layers(model)]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.disabled = False
-
-
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or the newest complete checkpoint of a run folder."""
     path = Path(path)
@@ -588,7 +575,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
         if (out / "eval_before.json").is_file() and run.state.step > 0:
             before = json.loads((out / "eval_before.json").read_text())
         else:
-            with mixture_disabled(run.unwrapped):
+            with lomix.disabled(run.unwrapped):
                 before = evaluate_model(
                     run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval, accelerator, cfg.train.progress,
                     "eval (base model)",
