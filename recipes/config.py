@@ -10,11 +10,14 @@ type says what was expected, an impossible value names its dotted key (``train.l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -23,7 +26,7 @@ from lomix.errors import ConfigError
 from lomix.recipes.fewshot import FewshotConfig
 from lomix.recipes.loramixer import LoramixerConfig
 from lomix.rloo import check_samples
-from lomix.routers import RouterConfig, available_routers, router_class
+from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
 from lomix.typed import _type_name, field_docs, from_dict, to_dict
 
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
@@ -411,11 +414,7 @@ class FinetuneConfig:
     data: DataConfig = field(metadata={"help": "training and test data"})
     mixture: MixtureConfig = field(
         default_factory=MixtureConfig,
-        metadata={"help": "the mixture of LoRA experts (lomix.MixtureConfig, without its router)"},
-    )
-    router: RouterConfig = field(
-        default_factory=lambda: MixtureConfig().router,
-        metadata={"help": "the router: name (one of lomix.available_routers()) plus that router's own fields"},
+        metadata={"help": "the mixture of LoRA experts (lomix.MixtureConfig; its router is the 'router' section)"},
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
@@ -440,9 +439,17 @@ class FinetuneConfig:
         metadata={"help": "a run folder (its newest checkpoint) or a checkpoint folder to continue from exactly"},
     )
 
+    @property
+    def router(self) -> RouterConfig:
+        """The router: it lives in ``mixture.router`` only; YAML spells it as the top-level ``router`` section."""
+        return self.mixture.router
+
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        data["mixture"].pop("router", None)  # the router has its own top-level section
+        data = {}
+        for f in dataclasses.fields(self):
+            data[f.name] = to_dict(getattr(self, f.name))
+            if f.name == "mixture":  # the router has its own top-level section, right after the mixture
+                data["router"] = data["mixture"].pop("router")
         return data
 
     def to_yaml(self) -> str:
@@ -523,33 +530,113 @@ def _prefixed(exc: ConfigError, prefix: str) -> ConfigError:
     return ConfigError(name, message)
 
 
-def build_config(data: dict[str, Any]) -> FinetuneConfig:
-    """Validate a plain dict (YAML + overrides) into a `FinetuneConfig`; raises `ConfigError` naming the key."""
+ROUTER_HELP = "the router: name (one of lomix.available_routers()) plus that router's own fields"
+
+
+def notice(message: str) -> None:
+    """A one-line note on stderr about a value the config resolution chose (stdout stays the YAML)."""
+    print(f"lomix: note: {message}", file=sys.stderr, flush=True)
+
+
+def switch_router(data: dict[str, Any], overrides: list[str]) -> set[str]:
+    """Apply an override ``router.name=X`` that names another router than the file's: the file's
+    router section is replaced whole (its other keys belonged to the old router), with a notice.
+
+    Returns the dotted mixture keys the file set that the new router may default (the file was
+    written for another router, so its values there are not a choice against the new one).
+    """
+    names = [item.partition("=")[2].strip() for item in overrides if item.partition("=")[0].strip() == "router.name"]
+    section = data.get("router") or {}
+    if not names or not isinstance(section, dict):
+        return set()
+    new = parse_yaml(names[-1], "router.name") if names[-1] else names[-1]
+    old = section.get("name", MixtureConfig().router.name)
+    if new == old:
+        return set()
+    dropped = sorted(k for k in section if k != "name")
+    if dropped:
+        notice(
+            f"router.name={new} replaces the {old} router section; dropped {', '.join(f'router.{k}' for k in dropped)}"
+        )
+    data["router"] = {}
+    mixture = data.get("mixture")
+    return set(_leaves(mixture, "mixture")) if isinstance(mixture, dict) else set()
+
+
+def _leaves(tree: dict[str, Any], prefix: str):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}"
+
+
+def apply_router_defaults(mixture: dict[str, Any], router: RouterConfig, replaceable: set[str] = frozenset()) -> None:
+    """Fill the mixture fields the router needs (`RouterConfig.mixture_defaults`) that the user left
+    unset (or set in a file written for another router: ``replaceable``), with a notice each.
+    A value the user did set is kept; the router's `validate_mixture` then refuses a conflict."""
+
+    def walk(defaults: dict[str, Any], node: dict[str, Any], prefix: str) -> None:
+        for key, value in defaults.items():
+            path = f"{prefix}.{key}"
+            if isinstance(value, dict):
+                child = node.get(key)
+                if child is None or not isinstance(child, dict):
+                    child = node[key] = {} if child is None else child
+                if isinstance(child, dict):
+                    walk(value, child, path)
+            elif key not in node or (path in replaceable and node[key] != value):
+                how = "unset" if key not in node else f"{node[key]!r} in the file"
+                node[key] = value
+                notice(f"{path}={value!r}: the {router.name} router's default ({how} before)")
+
+    walk(router.mixture_defaults(), mixture, "mixture")
+
+
+def build_config(data: dict[str, Any], replaceable: set[str] = frozenset()) -> FinetuneConfig:
+    """Validate a plain dict (YAML + overrides) into a `FinetuneConfig`; raises `ConfigError` naming the key.
+
+    ``replaceable``: dotted mixture keys whose values the router's defaults may replace (`switch_router`).
+    """
     data = dict(data)
+    sections = sorted([f.name for f in dataclasses.fields(FinetuneConfig)] + ["router"])
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown key; valid keys here are: {', '.join(sections)}")
     mixture = data.pop("mixture", None) or {}
     router = data.pop("router", None)
     if not isinstance(mixture, dict):
         raise ConfigError("mixture", f"expected a mapping of fields, got {mixture!r}")
     if "router" in mixture:
         raise ConfigError("mixture.router", "set the router in the top-level 'router' section (router.name, router.k)")
-    mixture = dict(mixture)
+    mixture = copy.deepcopy(mixture)
     if isinstance(router, dict) and "name" not in router:
         router = {"name": MixtureConfig().router.name, **router}  # router.k=3 alone keeps the default router
     if router is not None:
-        mixture["router"] = router
+        router_config = router_config_from_dict(router)
+        apply_router_defaults(mixture, router_config, replaceable)
+        mixture["router"] = router_config
     try:
         mixture_config = from_dict(MixtureConfig, mixture)
     except ConfigError as exc:
         raise _prefixed(exc, "mixture") from None
     data["mixture"] = mixture_config
-    data["router"] = mixture_config.router
     return from_dict(FinetuneConfig, data)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
-    """Read a YAML config, apply ``key=value`` overrides and validate it."""
+    """Read a YAML config, apply ``key=value`` overrides and validate it.
+
+    ``router.name=X`` naming another router than the file's replaces the whole router section (the
+    old router's keys are dropped, with a notice); a router's needs on other sections
+    (`RouterConfig.mixture_defaults`) fill what the user did not set.
+    """
     data = read_yaml(path) if path is not None else {}
-    return build_config(apply_overrides(data, list(overrides or [])))
+    overrides = list(overrides or [])
+    replaceable = switch_router(data, overrides)
+    data = apply_overrides(data, overrides)
+    overridden = {item.partition("=")[0].strip() for item in overrides}
+    return build_config(data, replaceable - overridden)
 
 
 def config_reference() -> str:
@@ -559,7 +646,7 @@ def config_reference() -> str:
     def walk(cls: type, prefix: str) -> None:
         for f in dataclasses.fields(cls):
             if cls is MixtureConfig and f.name == "router":
-                continue
+                continue  # listed as the top-level router section
             name = f"{prefix}{f.name}"
             tp = _type_name(get_type_hints(cls)[f.name])
             nested = _nested_dataclass(cls, f.name)
@@ -574,18 +661,27 @@ def config_reference() -> str:
             else:
                 default = " (required)"
             lines.append(f"  {name} ({tp}){default}: {f.metadata.get('help', '')}")
-            if cls is FinetuneConfig and f.name == "router":
-                for router in available_routers():
-                    config_class = router_class(router).config_class
-                    docs = "; ".join(f"{k}: {v}" for k, v in field_docs(config_class).items())
-                    lines.append(f"      router.name={router}: {docs}")
+
+    def routers() -> None:
+        lines.append(f"  router (RouterConfig) = {MixtureConfig().router.to_dict()!r}: {ROUTER_HELP}")
+        for router in available_routers():
+            config_class = router_class(router).config_class
+            docs = "; ".join(f"{k}: {v}" for k, v in field_docs(config_class).items())
+            lines.append(f"      router.name={router}: {docs}")
 
     walk(FinetuneConfig, "")
+    mixture_end = max(i for i, line in enumerate(lines) if line.lstrip().startswith("mixture."))
+    tail = lines[mixture_end + 1 :]
+    del lines[mixture_end + 1 :]
+    routers()
+    lines.extend(tail)
     return "\n".join(lines)
 
 
 def _nested_dataclass(cls: type, name: str) -> type | None:
     tp = get_type_hints(cls)[name]
+    if get_origin(tp) in (Union, types.UnionType):  # an optional section (mixture.balance: null = the router's)
+        tp = next((a for a in get_args(tp) if a is not type(None)), tp)
     if dataclasses.is_dataclass(tp) and not issubclass(tp, RouterConfig):
         return tp
     return None
@@ -606,6 +702,7 @@ __all__ = [
     "build_config",
     "config_reference",
     "load_config",
+    "notice",
     "parse_yaml",
     "read_yaml",
 ]

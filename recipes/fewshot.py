@@ -130,7 +130,6 @@ def resolve_tasks(cfg: FinetuneConfig, tasks: TaskSet) -> TaskSet:
 
 def _set_mixture(cfg: FinetuneConfig, mixture) -> None:
     cfg.mixture = mixture
-    cfg.router = mixture.router
 
 
 def build_mixture(model: nn.Module, cfg: FinetuneConfig, tasks: TaskSet, data_tasks: list[str]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -246,6 +247,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
     from lomix.recipes.data import load_examples
 
+    cfg = copy.deepcopy(cfg)  # the build resolves the mixture (task names, few-shot start) in the run's copy
     quantization.check(cfg.model, cfg.train)  # a missing bitsandbytes is named before anything loads
     out = check_output_dir(cfg)
     checkpoint = find_checkpoint(cfg.resume_from) if cfg.resume_from else None

@@ -22,6 +22,7 @@ share of tokens whose top-k includes that expert and its share of the gate mass,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -316,8 +317,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         missing_task=router.missing_task,
         kernel=cfg.mixture.kernel,
     )
-    cfg.mixture = model.lomix_state.config
-    cfg.router = cfg.mixture.router
+    cfg = dataclasses.replace(cfg, mixture=model.lomix_state.config)  # what was built; the caller's cfg stays
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", cfg.to_yaml())
     write_text(out / "tasks.json", json.dumps(tasks.to_dict(), indent=2) + "\n")

@@ -104,13 +104,11 @@ def hard_mixture(path: str | Path) -> Path:
 
 def stage_config(cfg: FinetuneConfig, stage: str, steps: int | None, out: Path, **eval_fields) -> FinetuneConfig:
     """``cfg`` for one stage: the router in ``stage``, its steps, its own folder and evaluation settings."""
-    router = dataclasses.replace(cfg.router, stage=stage)
-    mixture = dataclasses.replace(cfg.mixture, router=router)
+    mixture = dataclasses.replace(cfg.mixture, router=dataclasses.replace(cfg.mixture.router, stage=stage))
     train = dataclasses.replace(cfg.train, max_steps=steps or cfg.train.max_steps)
     return dataclasses.replace(
         cfg,
         mixture=mixture,
-        router=router,
         train=train,
         eval=dataclasses.replace(cfg.eval, **eval_fields),
         output_dir=str(out),
@@ -119,7 +117,6 @@ def stage_config(cfg: FinetuneConfig, stage: str, steps: int | None, out: Path, 
 
 def _set_mixture(cfg: FinetuneConfig, mixture) -> None:
     cfg.mixture = mixture
-    cfg.router = mixture.router
 
 
 def build_hard(model: nn.Module, cfg: FinetuneConfig, tasks: TaskSet, data_tasks: list[str]) -> None:
