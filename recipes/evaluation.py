@@ -32,8 +32,9 @@ from torch.nn import functional as F
 import lomix
 from lomix.atomic import atomic_file
 from lomix.errors import ConfigError
-from lomix.recipes.config import EvalConfig
-from lomix.recipes.data import Example, Formatter, TaskSet
+from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
+from lomix.recipes.config import EvalConfig, FinetuneConfig, load_config
+from lomix.recipes.data import Example, Formatter, TaskSet, check_test_tasks, load_test_examples
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
@@ -359,11 +360,6 @@ def run(
     """
     from accelerate import Accelerator
 
-    from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
-    from lomix.recipes.config import load_config
-    from lomix.recipes.data import check_test_tasks, load_test_examples
-    from lomix.recipes.fewshot import mixture_task_set
-
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -385,9 +381,7 @@ def run(
     if not base:
         lomix.load(model, mixture_dir)
         tasks = mixture_task_set(model, tasks)  # a task router's saved names decide the task ids
-        from lomix.recipes.glider import set_eval_router
-
-        set_eval_router(model, cfg)  # a glider run: router.alpha / router.k of this evaluation
+        set_eval_router(model, cfg)  # e.g. a glider run: router.alpha / router.k of this evaluation
     model.to(accelerator.device)
     results = evaluate_model(
         model, Formatter(tokenizer, cfg.data), test, tasks, cfg.eval, accelerator, cfg.train.progress, "eval"
@@ -398,6 +392,26 @@ def run(
         print(results_table({"base" if base else "mixture": results}))
         print(f"wrote {run_dir / name}")
     return results
+
+
+def mixture_task_set(model: torch.nn.Module, tasks: TaskSet) -> TaskSet:
+    """Task ids for evaluating a loaded mixture: its task router's rows when it names them
+    (`RouterConfig.task_rows`)."""
+    state = getattr(model, "lomix_state", None)
+    names = state.config.router.task_rows if state is not None else []
+    if not names:
+        return tasks
+    return TaskSet(list(names), {n: tasks.descriptions.get(n, n) for n in names})
+
+
+def set_eval_router(model: torch.nn.Module, cfg: FinetuneConfig) -> None:
+    """The run config's router fields that apply at evaluation (`RouterConfig.evaluation_changes`)."""
+    state = getattr(model, "lomix_state", None)
+    if state is None:
+        return
+    changes = cfg.mixture.router.evaluation_changes(state.config.router, state.config.num_experts)
+    if changes:
+        lomix.update_router(model, **changes)
 
 
 def describe_tasks(tasks: TaskSet, given: Sequence[str], test_tasks: Sequence[str]) -> TaskSet:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import math
 import shutil
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 import lomix
 import lomix.rloo
@@ -48,9 +46,22 @@ from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError
 from lomix.quant import prepare_kbit_training
+from lomix.recipes import quantization
+from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
-from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
+from lomix.recipes.data import (
+    Collator,
+    EpochSampler,
+    Formatter,
+    ListDataset,
+    TaskSet,
+    load_examples,
+    task_set,
+    tokenize,
+)
+from lomix.recipes.evaluation import evaluate_model, results_table, write_json
 from lomix.recipes.fewshot import build_mixture, resolve_tasks
+from lomix.recipes.losses import answer_loss_sum, answer_tokens, forward, rloo_loss
 from lomix.stats import RoutingStats
 
 CHECKPOINTS = "checkpoints"
@@ -86,39 +97,6 @@ def lr_factor(cfg: TrainConfig):
     return factor
 
 
-def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the answer tokens (labels != -100)."""
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def answer_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(rows,) summed next-token cross-entropy over each row's answer tokens."""
-    return F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
-    ).sum(1)
-
-
-def rloo_loss(model: torch.nn.Module, batch: dict[str, Any], samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer loss, RLOO surrogate) of a micro-batch run with ``samples`` selections per example.
-
-    The batch is replicated ``samples`` times in ONE forward. The answer loss is the mean over the
-    selections of the summed answer-token loss (what the experts train on, comparable with
-    `answer_loss_sum`); the surrogate's gradient is the RLOO estimate of the router gradient of the
-    same summed loss, with each example's loss under each selection as the reward (lomix.rloo).
-    """
-    rows = batch["input_ids"].shape[0] * samples
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    with lomix.rloo.recording(inner):
-        per_row = answer_loss_rows(*forward(model, lomix.rloo.replicate(batch, samples)))
-        log_q = lomix.rloo.selection_log_prob(inner, rows)
-    return per_row.sum() / samples, lomix.rloo.rloo_surrogate(per_row, log_q, samples)
-
-
 def routing_record(stats: RoutingStats) -> dict[str, Any]:
     """Mean effective support, entropy and router-distribution support over layers, and per layer
     those plus the expert load, from the routing statistics gathered since the last record."""
@@ -133,37 +111,6 @@ def routing_record(stats: RoutingStats) -> dict[str, Any]:
             record[f"routing_{key}"] = sum(values) / len(values)
     record["routing"] = layers
     return record
-
-
-def answer_tokens(batch: dict[str, Any]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of the wrapped model, over the last columns that hold answer tokens.
-
-    Batches are left-padded, so the answers end every row; asking for the logits of those columns
-    only skips most of the LM head. Task ids and descriptions reach the routers' RoutingContext.
-    """
-    labels = batch["labels"]
-    answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    keep = labels.shape[1] - int(answer_columns[0]) + 1 if len(answer_columns) else labels.shape[1]
-    extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        task_ids=batch["task_ids"],
-        task_descriptions=batch["task_descriptions"],
-        use_cache=False,
-        **extra,
-    ).logits
-    return logits, labels[:, -logits.shape[1] :]
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    return name in inspect.signature(type(inner).forward).parameters
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -242,10 +189,6 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     """``build(model, cfg, tasks, data_tasks)`` puts the mixture into the model (`lomix.recipes.loramixer` stages)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-
-    from lomix.recipes import quantization
-    from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
-    from lomix.recipes.data import load_examples
 
     cfg = copy.deepcopy(cfg)  # the build resolves the mixture (task names, few-shot start) in the run's copy
     quantization.check(cfg.model, cfg.train)  # a missing bitsandbytes is named before anything loads
@@ -567,8 +510,6 @@ def flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
     """Fine-tune, save, evaluate. Returns {"records", "before", "after"} (evaluations may be None)."""
-    from lomix.recipes.evaluation import evaluate_model, results_table, write_json
-
     run = setup(cfg, build)
     accelerator, out = run.accelerator, run.out
     evaluate = bool(run.test)

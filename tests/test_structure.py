@@ -1,8 +1,9 @@
-"""The repository's structure, as DESIGN.md states it: the router contract is written down (no
-optional hook is probed with getattr)."""
+"""The repository's structure: the router contract is written down (no optional hook is probed
+with getattr), and the recipes form a tree (support modules never import a recipe script; no cycle)."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -50,3 +51,91 @@ def test_the_contract_hooks_have_no_op_defaults():
     router.init_experts(bank)
     router.bind_mixture(mixture)
     assert torch.equal(bank.A, before)
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes/ as a tree
+
+SUPPORT = {
+    "assets",
+    "bigbench",
+    "config",
+    "data",
+    "evaluation",
+    "losses",
+    "method_config",
+    "quantization",
+    "runs",
+}
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _recipe_imports(tree: ast.AST) -> set[str]:
+    """Names of lomix.recipes modules imported anywhere in ``tree`` (in functions too), except
+    under ``if TYPE_CHECKING:``."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _type_checking_only(node):
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[2] for a in node.names if a.name.startswith("lomix.recipes."))
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "lomix.recipes":
+                found.update(a.name for a in node.names)
+            elif node.module.startswith("lomix.recipes."):
+                found.add(node.module.split(".")[2])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def recipes_import_graph() -> dict[str, set[str]]:
+    """module -> the recipes modules it imports (every .py directly under recipes/)."""
+    modules = {p.stem: p for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init__"}
+    return {name: _recipe_imports(ast.parse(path.read_text())) - {name} for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_recipes_import_graph_has_no_cycle():
+    graph = recipes_import_graph()
+    assert {"config", "finetune", "evaluation"} <= set(graph)
+    assert _cycle(graph) is None
+
+
+def test_support_modules_never_import_a_recipe_script():
+    graph = recipes_import_graph()
+    assert SUPPORT <= set(graph)
+    wrong = {module: sorted(imports - SUPPORT) for module, imports in graph.items() if module in SUPPORT}
+    assert {m: i for m, i in wrong.items() if i} == {}

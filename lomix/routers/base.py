@@ -52,6 +52,18 @@ class RouterConfig:
         return {}
 
     @property
+    def task_rows(self) -> list[str]:
+        """Task names whose order fixes the task ids this router routes by (Poly/MHR: ``tasks``);
+        evaluation gives a loaded mixture's tasks these ids. Empty for routers that take no task id."""
+        return []
+
+    def evaluation_changes(self, saved: RouterConfig, num_experts: int) -> dict[str, Any]:
+        """Fields of a loaded mixture's router config ``saved`` that this config (a run's, with the
+        user's overrides) changes for an evaluation (glider: alpha and k); applied with
+        `lomix.update_router`. Default: none."""
+        return {}
+
+    @property
     def needs_whole_sequences(self) -> bool:
         """True when a forward call must see whole sequences: no KV-cached continuation (remix with
         granularity=sequence routes on the mean of all tokens of one call)."""
