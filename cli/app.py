@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 from . import catalog, commands, library, tools
 from .hub import hub_app
@@ -50,8 +51,21 @@ def show(directory: Path = typer.Argument(..., help="A folder holding a saved lo
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
 
 
+class _TrainCommand(TyperCommand):
+    """``lomix train``: its epilog (the config reference) is built only when the help is shown, so
+    other commands and ``lomix --help`` do not import the recipe config (and torch)."""
+
+    @property
+    def epilog(self) -> str:
+        return commands.train_epilog()
+
+    @epilog.setter
+    def epilog(self, value: str | None) -> None:
+        pass
+
+
 # Sub-commands live in their own modules and register here, one line each.
-app.command("train", epilog=commands.train_epilog())(commands.train)
+app.command("train", cls=_TrainCommand)(commands.train)
 app.command("eval")(commands.evaluate)
 app.command("loramixer")(commands.loramixer)
 app.command("inspect")(tools.inspect)

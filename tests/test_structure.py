@@ -139,3 +139,23 @@ def test_support_modules_never_import_a_recipe_script():
     assert SUPPORT <= set(graph)
     wrong = {module: sorted(imports - SUPPORT) for module, imports in graph.items() if module in SUPPORT}
     assert {m: i for m, i in wrong.items() if i} == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# `lomix --help` imports neither torch nor the recipes
+
+
+def test_the_cli_and_the_package_import_without_torch():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, lomix.cli; from lomix.cli.app import app; import typer.main; typer.main.get_command(app); "
+        "print(sorted(m for m in ('torch', 'transformers', 'lomix.recipes.config') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    # ... and the names of the package still resolve, to what they always were
+    assert lomix.inject is lomix.inject_frozen_experts.__globals__["inject"]
+    assert lomix.MixtureConfig.__module__ == "lomix.config" and callable(lomix.disabled)
+    assert set(lomix.__all__) <= set(dir(lomix))
