@@ -1,7 +1,9 @@
 """The router interface and the registry that maps a router's name to its class and config.
 
 A router is one file: a config dataclass (subclass of `RouterConfig`) and a module (subclass of
-`Router`) registered together with `@register_router("name", ConfigClass)`.
+`Router`) registered together with `@register_router("name", ConfigClass)`. Routers of other
+installed packages are found through the entry-point group ``lomix.routers`` (name = the router's
+name, value = the module that registers it), imported the first time a name is looked up.
 
 The contract is written down here: every hook that the layer, `lomix.inject`, the optimizer set-up
 (`lomix.parameter_groups`) or a recipe may call is declared below with a no-op default, and callers
@@ -120,6 +122,36 @@ class Router(nn.Module):
 
 
 _REGISTRY: dict[str, type[Router]] = {}
+ENTRY_POINT_GROUP = "lomix.routers"
+_plugin_errors: dict[str, str] = {}
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every router plugin of the entry-point group ``lomix.routers`` (once per process).
+
+    A plugin that fails to import, or does not register the router it names, is remembered and
+    reported when that router is asked for; the other routers keep working.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in _REGISTRY:
+            continue
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plugin must not break the routers that work
+            _plugin_errors[entry.name] = f"the router plugin {entry.name!r} ({entry.value}) failed to load: {exc!r}"
+            continue
+        if entry.name not in _REGISTRY:
+            _plugin_errors[entry.name] = (
+                f"the router plugin {entry.name!r} ({entry.value}) registers no router of that name; its module "
+                f"must apply @register_router({entry.name!r}, ...)"
+            )
 
 
 def register_router(name: str, config_class: type[RouterConfig]):
@@ -138,10 +170,16 @@ def register_router(name: str, config_class: type[RouterConfig]):
 
 
 def available_routers() -> list[str]:
+    """The registered routers' names, installed plugins included."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def router_class(name: str) -> type[Router]:
+    if name not in _REGISTRY:
+        load_plugins()
+    if name in _plugin_errors:
+        raise ConfigError("router.name", _plugin_errors[name])
     try:
         return _REGISTRY[name]
     except KeyError:
