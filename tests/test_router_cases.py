@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 import lomix
 from lomix.export import NotFixedRouteError, fixed_loras
+from lomix.routers import router_class
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -48,7 +49,8 @@ CASES = [
 def test_every_registered_router_has_exactly_one_row():
     names = [case.name for case in CASES]
     assert len(names) == len(set(names))
-    assert sorted(names) == lomix.available_routers()
+    shipped = [n for n in lomix.available_routers() if router_class(n).__module__.startswith("lomix.routers.")]
+    assert sorted(names) == shipped  # (tests and plugins may register others in this process)
 
 
 def _build(case: RouterCase):
