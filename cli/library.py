@@ -35,8 +35,8 @@ def add(
 ) -> None:
     """Train each run's PHATGOOSE gates on its own training data (expert frozen) and add it to LIBRARY."""
     from lomix.library import Library
-    from lomix.recipes.config import LibraryConfig
     from lomix.recipes.glider import add_run
+    from lomix.recipes.method_config import LibraryConfig
 
     try:
         if description and len(runs) > 1:

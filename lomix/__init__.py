@@ -57,6 +57,7 @@ _EXPORTS = {
     "add_tasks": "mhr",
     "average_skills": "mhr",
     "train_only_task_rows": "mhr",
+    "attach_optimizer": "params",
     "parameter_groups": "params",
     "Router": "routers",
     "RouterConfig": "routers",

@@ -61,7 +61,7 @@ class MixtureConfig:
         default=None,
         metadata={
             "help": "balance losses; null: the generic defaults, or the router's own where it needs others "
-            "(remix: no Switch loss)"
+            "(RouterConfig.mixture_defaults, e.g. no Switch loss)"
         },
     )
     kernel: str = field(
@@ -103,7 +103,7 @@ class MixtureConfig:
         self.router.validate(self.num_experts)
         if self.merged is not None:
             self.merged.validate(self.num_experts)
-        self.router.validate_mixture(self)  # rules that involve other mixture fields (remix: no balance loss)
+        self.router.validate_mixture(self)  # the router's rules on other mixture fields
 
     @property
     def scale(self) -> float:

@@ -23,7 +23,7 @@ import yaml
 
 from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
-from lomix.recipes.method_config import FewshotConfig, LibraryConfig, LoramixerConfig, RlooConfig
+from lomix.recipes import method_config
 from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
 from lomix.typed import _type_name, field_docs, from_dict, to_dict
 
@@ -226,7 +226,9 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the experts"})
     router_lr: float | None = field(
         default=None,
-        metadata={"help": "peak learning rate of the routers; null: the router's own default (poly/mhr: 0.1), else lr"},
+        metadata={
+            "help": "peak learning rate of the routers; null: the router's own default_lr if it has one, else lr"
+        },
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the experts"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from 0 to the peak rate"})
@@ -325,7 +327,7 @@ class EvalConfig:
         default=True,
         metadata={
             "help": "score the choices from the prompt's KV cache (one prompt pass per example); routers that route "
-            "whole sequences (remix, granularity=sequence) always score full sequences"
+            "whole sequences (needs_whole_sequences) always score full sequences"
         },
     )
     batch_size: int = field(
@@ -341,8 +343,11 @@ class EvalConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]`."""
+class _RunConfig:
+    """A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]`.
+
+    `FinetuneConfig` is this plus one field per method section (`method_config.SECTIONS`).
+    """
 
     model: ModelConfig = field(metadata={"help": "the frozen base model"})
     data: DataConfig = field(metadata={"help": "training and test data"})
@@ -352,20 +357,6 @@ class FinetuneConfig:
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
-    fewshot: FewshotConfig = field(
-        default_factory=FewshotConfig,
-        metadata={"help": "few-shot adaptation: start from a trained mixture (MHR-z, MHR-mu, continued training)"},
-    )
-    rloo: RlooConfig = field(
-        default_factory=RlooConfig, metadata={"help": "the RLOO estimator (used by routers that sample: remix)"}
-    )
-    library: LibraryConfig = field(
-        default_factory=LibraryConfig, metadata={"help": "GLIDER's expert library (lomix library / lomix glider)"}
-    )
-    loramixer: LoramixerConfig = field(
-        default_factory=LoramixerConfig,
-        metadata={"help": "LoRA-Mixer's stages and plug-and-play adapters (lomix loramixer; ignored by lomix train)"},
-    )
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, dropout and routing noise"})
     output_dir: str = field(default="runs/lomix", metadata={"help": "run folder: config, logs, checkpoints, mixture"})
     resume_from: str | None = field(
@@ -380,7 +371,7 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = {}
-        for f in dataclasses.fields(self):
+        for f in _ordered_fields(type(self)):
             data[f.name] = to_dict(getattr(self, f.name))
             if f.name == "mixture":  # the router has its own top-level section, right after the mixture
                 data["router"] = data["mixture"].pop("router")
@@ -388,6 +379,30 @@ class FinetuneConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
+
+
+_RUN_TAIL = ("seed", "output_dir", "resume_from")  # after the method sections in a config file
+
+
+def _ordered_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a run config in file order: the generic sections, the method sections, the run's own keys."""
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name not in _RUN_TAIL] + [f for f in fields if f.name in _RUN_TAIL]
+
+
+def _with_method_sections(base: type) -> type:
+    sections = [
+        (s.name, s.config, field(default_factory=s.config, metadata={"help": s.help})) for s in method_config.SECTIONS
+    ]
+    cls = dataclasses.make_dataclass("FinetuneConfig", sections, bases=(base,))
+    cls.__module__ = __name__
+    cls.__doc__ = (
+        "A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]` (the generic sections and every method's)."
+    )
+    return cls
+
+
+FinetuneConfig = _with_method_sections(_RunConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,6 +495,11 @@ def switch_router(data: dict[str, Any], overrides: list[str]) -> set[str]:
     written for another router, so its values there are not a choice against the new one).
     """
     names = [item.partition("=")[2].strip() for item in overrides if item.partition("=")[0].strip() == "router.name"]
+    for item in overrides:  # router={name: X, ...} replaces the section itself
+        key, _, raw = item.partition("=")
+        value = parse_yaml(raw, item) if key.strip() == "router" and raw.strip() else None
+        if isinstance(value, dict) and "name" in value:
+            names.append(str(value["name"]))
     section = data.get("router") or {}
     if not names or not isinstance(section, dict):
         return set()
@@ -578,7 +598,7 @@ def config_reference() -> str:
     lines = []
 
     def walk(cls: type, prefix: str) -> None:
-        for f in dataclasses.fields(cls):
+        for f in _ordered_fields(cls) if cls is FinetuneConfig else dataclasses.fields(cls):
             if cls is MixtureConfig and f.name == "router":
                 continue  # listed as the top-level router section
             name = f"{prefix}{f.name}"
@@ -626,11 +646,8 @@ __all__ = [
     "ColumnsConfig",
     "DataConfig",
     "EvalConfig",
-    "FewshotConfig",
     "FinetuneConfig",
-    "LibraryConfig",
     "ModelConfig",
-    "RlooConfig",
     "TrainConfig",
     "apply_overrides",
     "build_config",

@@ -76,7 +76,7 @@ def _routing(model: torch.nn.Module, task_id: int, description: str):
 
 
 def whole_sequences(model: torch.nn.Module) -> bool:
-    """True when a router of the model routes on whole sequences (remix, granularity=sequence): a
+    """True when a router of the model routes on whole sequences (`needs_whole_sequences`): a
     KV-cached continuation would route its new tokens alone, so such models score and generate
     without a cache."""
     return any(layer.router.config.needs_whole_sequences for _, layer in lomix.mixture_layers(model))
@@ -356,7 +356,7 @@ def run(
 
     ``task_descriptions`` ("TEXT" for every test task, or "TASK=TEXT") replace the routers' task
     descriptions; a described test task the run never trained on is evaluated as a held-out task
-    (routers that route by description, such as glider, need nothing else).
+    (routers that route by task description need nothing else).
     """
     from accelerate import Accelerator
 
@@ -381,7 +381,7 @@ def run(
     if not base:
         lomix.load(model, mixture_dir)
         tasks = mixture_task_set(model, tasks)  # a task router's saved names decide the task ids
-        set_eval_router(model, cfg)  # e.g. a glider run: router.alpha / router.k of this evaluation
+        set_eval_router(model, cfg)  # router fields of the run's config that apply at evaluation
     model.to(accelerator.device)
     results = evaluate_model(
         model, Formatter(tokenizer, cfg.data), test, tasks, cfg.eval, accelerator, cfg.train.progress, "eval"

@@ -12,9 +12,9 @@ Loss: cross-entropy on the answer tokens only (the prompt is masked), normalised
 answer tokens in the whole global batch (all micro-batches of all processes), so one process with
 batch B x accumulation A computes the same update as P processes with batch B x A / P.
 
-Routers that sample their selection (remix) train by RLOO: each micro-batch runs replicated
-``rloo.samples`` (M) times in one forward; the experts get the mean of the M losses, the router the
-RLOO surrogate of the per-example losses (`rloo_loss`). Log records carry each layer's routing
+Routers that sample their selection name the gradient estimator that trains them
+(`RouterConfig.estimator`); the loss of a micro-batch then comes from it (`losses.batch_loss_for`:
+the experts get the answer loss, the router a surrogate). Log records carry each layer's routing
 statistics (``train.routing_stats``).
 
 Checkpoints (``output_dir/checkpoints/step-NNNNNN``) are written atomically: a folder appears only
@@ -41,7 +41,6 @@ from typing import Any
 import torch
 
 import lomix
-import lomix.rloo
 from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError
@@ -61,7 +60,7 @@ from lomix.recipes.data import (
 )
 from lomix.recipes.evaluation import evaluate_model, results_table, write_json
 from lomix.recipes.fewshot import build_mixture, resolve_tasks
-from lomix.recipes.losses import answer_loss_sum, answer_tokens, forward, rloo_loss
+from lomix.recipes.losses import answer_loss_sum, answer_tokens, batch_loss_for, forward
 from lomix.stats import RoutingStats
 
 CHECKPOINTS = "checkpoints"
@@ -186,7 +185,7 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
 
 
 def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
-    """``build(model, cfg, tasks, data_tasks)`` puts the mixture into the model (`lomix.recipes.loramixer` stages)."""
+    """``build(model, cfg, tasks, data_tasks)`` puts the mixture into the model (a method's stages pass their own)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -255,8 +254,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
         model, cfg.train.lr, router_lr=cfg.train.router_lr, weight_decay=cfg.train.weight_decay
     )
     optimizer = quantization.build_optimizer(groups, cfg.train)  # torch AdamW or a bitsandbytes 8-bit one
-    # LoRA-Mixer's hard stage: expert j moves on batches of domain j only (a no-op for other routers).
-    lomix.loramixer.freeze_unrouted_experts(model, optimizer)
+    lomix.attach_optimizer(model, optimizer)  # the routers' own optimizer rules (Router.attach_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
@@ -400,7 +398,7 @@ def train(run: Run) -> list[dict[str, Any]]:
         dynamic_ncols=True,
     )
     window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
-    samples = run.cfg.rloo.samples if run.cfg.mixture.router.estimator == "rloo" else None
+    batch_loss = batch_loss_for(run.cfg)  # the router's gradient estimator, or plain backpropagation
     # Hooks on the layers; closed after the loop (gradient checkpointing records each routing twice,
     # identically, which leaves the logged means unchanged).
     stats = RoutingStats(run.unwrapped, training_only=True).__enter__() if cfg.routing_stats else None
@@ -419,10 +417,7 @@ def train(run: Run) -> list[dict[str, Any]]:
         grad_norm = None
         for batch in group:
             with accelerator.accumulate(model):
-                if samples:
-                    token_sum, surrogate = rloo_loss(model, batch, samples)
-                else:
-                    token_sum, surrogate = answer_loss_sum(*forward(model, batch)), 0.0
+                token_sum, surrogate = batch_loss(model, batch)
                 aux = lomix.aux_loss(model)
                 # accelerate divides by grad_accum, DDP averages over processes: undo both so that the
                 # update is d(sum of answer-token losses of the global batch) / (its answer tokens).

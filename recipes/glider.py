@@ -36,11 +36,12 @@ import lomix
 from lomix.errors import ConfigError, LomixError
 from lomix.library import Library, gate_parameters, load_library, prepare_gate_training
 from lomix.recipes.assets import load_model_and_tokenizer
-from lomix.recipes.config import FinetuneConfig, LibraryConfig, ModelConfig, load_config
+from lomix.recipes.config import FinetuneConfig, ModelConfig, load_config
 from lomix.recipes.data import Collator, Example, Formatter, TaskSet, load_examples, task_set, tokenize
 from lomix.recipes.evaluation import evaluate_model, results_table, select_examples, write_json
 from lomix.recipes.finetune import check_output_dir, write_text
 from lomix.recipes.losses import answer_loss_sum, answer_tokens, forward
+from lomix.recipes.method_config import LibraryConfig
 from lomix.recipes.runs import load_run, model_inputs, run_examples
 from lomix.stats import RoutingStats
 

@@ -2,11 +2,15 @@
 
 Batches come from `lomix.recipes.data.Collator` (left-padded; ``labels`` are -100 outside the
 answers). Shared by the finetune recipe, GLIDER's gate training, distillation and the benchmarks.
+
+`batch_loss_for(cfg)` is the loss a training step uses: plain backpropagation through the gates,
+or the gradient estimator the router names (`RouterConfig.estimator`, from `ESTIMATORS`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -80,4 +84,33 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(type(inner).forward).parameters
 
 
-__all__ = ["answer_loss_rows", "answer_loss_sum", "answer_tokens", "forward", "rloo_loss"]
+BatchLoss = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, torch.Tensor | float]]
+"""(model, micro-batch) -> (summed answer loss, surrogate): the experts train on the first, the
+router on the gradient of the sum (the surrogate is 0 for routers trained through their gates)."""
+
+# estimator name (RouterConfig.estimator) -> the recipe config -> its batch loss
+ESTIMATORS: dict[str, Callable[[Any], BatchLoss]] = {
+    "rloo": lambda cfg: lambda model, batch: rloo_loss(model, batch, cfg.rloo.samples),
+}
+
+
+def plain_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    return answer_loss_sum(*forward(model, batch)), 0.0
+
+
+def batch_loss_for(cfg: Any) -> BatchLoss:
+    """The batch loss of a run whose recipe config is ``cfg`` (a `FinetuneConfig`)."""
+    estimator = cfg.mixture.router.estimator
+    return plain_loss if estimator is None else ESTIMATORS[estimator](cfg)
+
+
+__all__ = [
+    "ESTIMATORS",
+    "answer_loss_rows",
+    "answer_loss_sum",
+    "answer_tokens",
+    "batch_loss_for",
+    "forward",
+    "plain_loss",
+    "rloo_loss",
+]

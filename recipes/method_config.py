@@ -1,6 +1,9 @@
 """The method sections of the recipe config: few-shot starts, the RLOO estimator, GLIDER's expert
 library, LoRA-Mixer's stages. Plain dataclasses that import nothing from the recipes, so the config
 schema (`lomix.recipes.config`) and the method scripts both import them without a cycle.
+
+`SECTIONS` lists them in the order of a run's config.yaml; `lomix.recipes.config.FinetuneConfig`
+gets one field per entry, so a method adds its section here and nowhere else.
 """
 
 from __future__ import annotations
@@ -142,4 +145,29 @@ class LoramixerConfig:
             raise ConfigError("loramixer.init_from", "give either adapters (plug-and-play) or init_from, not both")
 
 
-__all__ = ["FewshotConfig", "LibraryConfig", "LoramixerConfig", "RlooConfig"]
+@dataclass(frozen=True)
+class Section:
+    """One top-level section of the recipe config that a method owns."""
+
+    name: str
+    config: type
+    help: str
+
+
+SECTIONS = (
+    Section(
+        "fewshot",
+        FewshotConfig,
+        "few-shot adaptation: start from a trained mixture (MHR-z, MHR-mu, continued training)",
+    ),
+    Section("rloo", RlooConfig, "the RLOO estimator (used by routers that sample: remix)"),
+    Section("library", LibraryConfig, "GLIDER's expert library (lomix library / lomix glider)"),
+    Section(
+        "loramixer",
+        LoramixerConfig,
+        "LoRA-Mixer's stages and plug-and-play adapters (lomix loramixer; ignored by lomix train)",
+    ),
+)
+
+
+__all__ = ["SECTIONS", "FewshotConfig", "LibraryConfig", "LoramixerConfig", "RlooConfig", "Section"]

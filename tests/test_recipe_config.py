@@ -236,6 +236,7 @@ def test_a_routers_needs_are_its_defaults_and_refused_only_when_set_explicitly(t
     path = _yaml(tmp_path, minimal(mixture={"balance": {"switch": generic}}, router={"name": "topk"}))
     assert rc.load_config(path, ["router.name=remix"]).mixture.balance.switch == 0.0
     assert "mixture.balance.switch=0.0: the remix router's default" in capsys.readouterr().err
+    assert rc.load_config(path, ["router={name: remix, k: 1}"]).mixture.balance.switch == 0.0  # the section whole
     # a file without a balance section: remix's default, with a notice
     bare = _yaml(tmp_path, minimal(router={"name": "remix"}), "bare")
     assert rc.load_config(bare).mixture.balance.switch == 0.0

@@ -159,3 +159,36 @@ def test_the_cli_and_the_package_import_without_torch():
     assert lomix.inject is lomix.inject_frozen_experts.__globals__["inject"]
     assert lomix.MixtureConfig.__module__ == "lomix.config" and callable(lomix.disabled)
     assert set(lomix.__all__) <= set(dir(lomix))
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic code names no method: the methods reach it through the router contract and registries
+
+GENERIC_FILES = (
+    "lomix/layer.py",
+    "lomix/inject.py",
+    "lomix/params.py",
+    "lomix/config.py",
+    "recipes/finetune.py",
+    "recipes/evaluation.py",
+    "recipes/config.py",
+)
+METHOD_NAME = re.compile(r"\b(remix|rloo|loramixer|glider|phatgoose|mhr|poly|arrow)\b", re.IGNORECASE)
+
+
+def method_names(path: Path) -> list[str]:
+    """Lines of ``path`` (comment lines aside) that name a routing method."""
+    return [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if not line.lstrip().startswith("#") and METHOD_NAME.search(line)
+    ]
+
+
+def test_the_method_name_probe_sees_a_method_name():
+    probe = ROOT / "tests" / "test_structure.py"
+    assert any("remix|rloo" in line for line in method_names(probe))
+
+
+def test_generic_files_name_no_method():
+    assert [hit for name in GENERIC_FILES for hit in method_names(ROOT / name)] == []

@@ -90,7 +90,7 @@ class Router(nn.Module):
 
     The hooks below are called by `MixtureLinear` when it is built, in this order:
     ``check_layer``, ``init_experts``, ``bind_mixture``; `lomix.parameter_groups` reads
-    ``default_lr``. Each default does nothing.
+    ``default_lr`` and `lomix.attach_optimizer` calls ``attach_optimizer``. Each default does nothing.
     """
 
     name: ClassVar[str] = ""
@@ -116,6 +116,13 @@ class Router(nn.Module):
 
     def bind_mixture(self, mixture: MixtureConfig) -> None:
         """Learn the layer's mixture config (rank, LoRA scale) for gates that depend on them (remix's omega)."""
+
+    @classmethod
+    def attach_optimizer(cls, model: nn.Module, optimizer: Any) -> Any:
+        """Act on the training optimizer of a model holding routers of this class, once per class
+        (a stage that must leave some experts alone, say). Returns a handle with ``remove()``, or
+        None when there is nothing to undo."""
+        return None
 
     def extra_repr(self) -> str:
         return f"{self.name}, d_in={self.d_in}, experts={self.num_experts}"
