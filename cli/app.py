@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from . import catalog, commands, library, tools
+from . import catalog, commands, methods, tools
 from .hub import hub_app
 
 app = typer.Typer(
@@ -67,13 +67,11 @@ class _TrainCommand(TyperCommand):
 # Sub-commands live in their own modules and register here, one line each.
 app.command("train", cls=_TrainCommand)(commands.train)
 app.command("eval")(commands.evaluate)
-app.command("loramixer")(commands.loramixer)
 app.command("inspect")(tools.inspect)
 app.command("merge")(tools.merge)
 app.command("export")(tools.export)
-app.command("glider")(library.glider)
+methods.register(app)  # each method's own verbs (cli/methods/)
 app.add_typer(catalog.app, name="recipes")
-app.add_typer(library.app, name="library")
 app.add_typer(hub_app, name="hub", help="Pull and push PEFT LoRA adapters and lomix mixtures (hub or folders).")
 
 

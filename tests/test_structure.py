@@ -172,6 +172,7 @@ GENERIC_FILES = (
     "recipes/finetune.py",
     "recipes/evaluation.py",
     "recipes/config.py",
+    *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "cli").glob("*.py"))),
 )
 METHOD_NAME = re.compile(r"\b(remix|rloo|loramixer|glider|phatgoose|mhr|poly|arrow)\b", re.IGNORECASE)
 

@@ -10,7 +10,9 @@ import typer
 
 from lomix.errors import LomixError
 
-from .commands import fail
+from ..commands import fail
+
+RECIPES = ("glider",)  # recipe scripts this method ships (`lomix recipes ls`)
 
 app = typer.Typer(no_args_is_help=True, help="Expert libraries for GLIDER: add trained runs or PEFT LoRAs, list them.")
 
@@ -113,3 +115,8 @@ def glider(
         run(load_config(config, overrides or []))
     except LomixError as exc:
         raise fail(exc) from None
+
+
+def register(root: typer.Typer) -> None:
+    root.command("glider")(glider)
+    root.add_typer(app, name="library")
