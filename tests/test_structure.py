@@ -159,6 +159,9 @@ def test_the_cli_and_the_package_import_without_torch():
     assert lomix.inject is lomix.inject_frozen_experts.__globals__["inject"]
     assert lomix.MixtureConfig.__module__ == "lomix.config" and callable(lomix.disabled)
     assert set(lomix.__all__) <= set(dir(lomix))
+    probe = "import lomix; print(lomix.mhr.__name__, lomix.checkpoint.read_config.__module__, hasattr(lomix, 'nope'))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["lomix.mhr", "lomix.checkpoint", "False"]  # submodules resolve on use
 
 
 # ----------------------------------------------------------------------------------------------
