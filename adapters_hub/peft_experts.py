@@ -25,16 +25,14 @@ How each adapter becomes expert j of every layer it adapts:
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lomix.config import BalanceConfig, MixtureConfig
 from lomix.errors import ArchitectureMismatchError, LomixError, ShapeMismatchError
-from lomix.inject import eject, inject, mixture_layers
+from lomix.frozen import inject_frozen_experts
 from lomix.layer import linear_dims
 from lomix.routers import RouterConfig, router_config
 
@@ -159,23 +157,9 @@ def load_peft_experts(
         balance=balance or BalanceConfig(),
         kernel=kernel,
     )
-    factors = [adapter.factors() for adapter in loaded]
-
-    inject(model, config)
-    try:
-        layers = dict(mixture_layers(model))
-        with torch.no_grad():
-            for layer in layers.values():
-                layer.experts.A.zero_()
-                layer.experts.B.zero_()
-            for j, (adapter, tensors) in enumerate(zip(loaded, factors, strict=True)):
-                for name, (lora_a, lora_b) in tensors.items():
-                    scale = adapter.modules[name].scale / layers[name].scale
-                    layers[name].experts.load_expert(j, lora_a, lora_b, scale)
-            for layer in layers.values():
-                layer.experts.requires_grad_(False)
-        assert all(math.isclose(layer.scale, 1.0) for layer in layers.values())
-    except BaseException:
-        eject(model)
-        raise
+    factors = [
+        {name: (lora_a, lora_b, adapter.modules[name].scale) for name, (lora_a, lora_b) in adapter.factors().items()}
+        for adapter in loaded
+    ]
+    inject_frozen_experts(model, config, factors)
     return model

@@ -583,9 +583,9 @@ def split(total: int, parts: int) -> list[int]:
 
 def lomix_glider(data: Data, mode: Mode, out: Path) -> Trained:
     from lomix.library import Library
-    from lomix.recipes.config import LibraryConfig
     from lomix.recipes.glider import add_run, expert_name
     from lomix.recipes.glider import run as glider_run
+    from lomix.recipes.method_config import LibraryConfig
 
     # S/2 expert steps and S/2 gate steps in all, shared out over the tasks (the first get the remainder)
     per_expert = split(mode.steps // 2, len(mode.tasks))
@@ -631,7 +631,7 @@ def lomix_trained(
 
     def probe() -> Probe:
         from lomix.loramixer import freeze_experts
-        from lomix.recipes.finetune import rloo_loss
+        from lomix.recipes.losses import rloo_loss
         from lomix.stats import RoutingStats
 
         fresh = base_model(data)

@@ -90,10 +90,11 @@ def main() -> None:
     import lomix
     from lomix.library import Library, load_library, set_glider
     from lomix.recipes.assets import load_model_and_tokenizer
-    from lomix.recipes.config import BigBenchConfig, DataConfig, EvalConfig, LibraryConfig, ModelConfig
+    from lomix.recipes.config import BigBenchConfig, DataConfig, EvalConfig, ModelConfig
     from lomix.recipes.data import Formatter, TaskSet, load_examples
     from lomix.recipes.evaluation import evaluate_model
     from lomix.recipes.glider import add_run, expert_name, own_expert_share
+    from lomix.recipes.method_config import LibraryConfig
 
     out = Path(args.out)
     started = time.perf_counter()

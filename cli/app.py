@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
-from . import catalog, commands, library, tools
+from . import catalog, commands, methods, tools
 from .hub import hub_app
 
 app = typer.Typer(
@@ -50,16 +51,27 @@ def show(directory: Path = typer.Argument(..., help="A folder holding a saved lo
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
 
 
+class _TrainCommand(TyperCommand):
+    """``lomix train``: its epilog (the config reference) is built only when the help is shown, so
+    other commands and ``lomix --help`` do not import the recipe config (and torch)."""
+
+    @property
+    def epilog(self) -> str:
+        return commands.train_epilog()
+
+    @epilog.setter
+    def epilog(self, value: str | None) -> None:
+        pass
+
+
 # Sub-commands live in their own modules and register here, one line each.
-app.command("train", epilog=commands.train_epilog())(commands.train)
+app.command("train", cls=_TrainCommand)(commands.train)
 app.command("eval")(commands.evaluate)
-app.command("loramixer")(commands.loramixer)
 app.command("inspect")(tools.inspect)
 app.command("merge")(tools.merge)
 app.command("export")(tools.export)
-app.command("glider")(library.glider)
+methods.register(app)  # each method's own verbs (cli/methods/)
 app.add_typer(catalog.app, name="recipes")
-app.add_typer(library.app, name="library")
 app.add_typer(hub_app, name="hub", help="Pull and push PEFT LoRA adapters and lomix mixtures (hub or folders).")
 
 

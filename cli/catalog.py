@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from . import methods
+
 app = typer.Typer(
     help="List the shipped recipes and configs, or copy one to edit.",
     no_args_is_help=True,
@@ -15,7 +17,7 @@ app = typer.Typer(
 )
 
 # One readable script per job (torchtune style); each runs as `python -m lomix.recipes.<name>`.
-RECIPES = ("finetune", "evaluation", "bigbench", "routing_report", "merge", "distill", "export", "glider", "loramixer")
+RECIPES = ("finetune", "evaluation", "bigbench", "routing_report", "merge", "distill", "export", *methods.recipes())
 
 
 def package_root() -> Path:

@@ -1,4 +1,4 @@
-"""``lomix train``, ``lomix loramixer`` and ``lomix eval``: thin typed fronts over their recipes."""
+"""``lomix train`` and ``lomix eval``: thin typed fronts over their recipes."""
 
 from __future__ import annotations
 
@@ -47,29 +47,6 @@ def train(
         raise fail(exc) from None
 
 
-def loramixer(
-    config: Path = typer.Argument(..., help="A config with the loramixer router (recipes/configs/loramixer.yaml)."),
-    overrides: list[str] | None = typer.Argument(
-        None, help="Dotted key=value overrides: loramixer.hard_steps=20 router.k=2 loramixer.adapters='[./a, ./b]'."
-    ),
-) -> None:
-    """LoRA-Mixer: hard (label-routed experts) then soft (router) stage; sparse top-K at inference.
-
-    With loramixer.adapters (PEFT LoRA folders or hub ids) the experts are those adapters, frozen,
-    and only the router trains (plug-and-play). Config fields: `lomix train --help`.
-
-    Writes OUTPUT_DIR/hard/ and OUTPUT_DIR/soft/ (each a finetune run folder; soft/mixture is the
-    result) and OUTPUT_DIR/loramixer.json.
-    """
-    from lomix.recipes import loramixer as recipe
-    from lomix.recipes.config import load_config
-
-    try:
-        recipe.run(load_config(config, overrides or []))
-    except LomixError as exc:
-        raise fail(exc) from None
-
-
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder written by `lomix train`."),
     overrides: list[str] | None = typer.Argument(
@@ -83,7 +60,7 @@ def evaluate(
         None,
         "--task-description",
         help="The task's description for the routers: TEXT for every test task, or TASK=TEXT (repeatable). A "
-        "described test task the run never trained on is evaluated held-out (glider routes by descriptions).",
+        "described test task the run never trained on is evaluated held-out (routers that route by description).",
     ),
 ) -> None:
     """Evaluate a run on its test data, per task and on average.

@@ -95,13 +95,13 @@ def export(
     format: str = typer.Option(..., "--format", "-f", help="merged, peft or lomix."),
     out: Path = typer.Option(..., "--out", "-o", help="The folder to write."),
     task: str | None = typer.Option(
-        None, "--task", help="Route of this task (name or id from tasks.json), for task-routed mixtures (Poly/MHR)."
+        None, "--task", help="Route of this task (name or id from tasks.json), for task-routed mixtures."
     ),
 ) -> None:
     """Export a mixture: one PEFT LoRA, a merged transformers checkpoint, or the lomix format.
 
     peft and merged need a fixed route: --task T for a task-routed mixture, or a router with a fixed
-    route (GLIDER's global route, `fixed`). Token-routed mixtures export with --format lomix only.
+    route (a global route by task description, `fixed`). Token-routed mixtures export with --format lomix only.
     """
     from lomix.recipes import export as recipe
 

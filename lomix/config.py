@@ -57,7 +57,13 @@ class MixtureConfig:
         default_factory=lambda: router_config("topk"),
         metadata={"help": "the router: a registered name plus that router's own fields"},
     )
-    balance: BalanceConfig = field(default_factory=BalanceConfig, metadata={"help": "balance losses"})
+    balance: BalanceConfig | None = field(
+        default=None,
+        metadata={
+            "help": "balance losses; null: the generic defaults, or the router's own where it needs others "
+            "(RouterConfig.mixture_defaults, e.g. no Switch loss)"
+        },
+    )
     kernel: str = field(
         default="auto",
         metadata={"help": "kernel backend: auto (Triton on CUDA, torch on CPU), torch or triton"},
@@ -73,6 +79,8 @@ class MixtureConfig:
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
             self.router = RouterConfig.from_config_dict(self.router)
+        if self.balance is None:  # unset: the router's needs are its defaults (RouterConfig.mixture_defaults)
+            self.balance = from_dict(BalanceConfig, self.router.mixture_defaults().get("balance", {}), "balance")
         if isinstance(self.balance, dict):
             self.balance = from_dict(BalanceConfig, self.balance, "balance")
         if isinstance(self.merged, dict):
@@ -97,9 +105,7 @@ class MixtureConfig:
         self.router.validate(self.num_experts)
         if self.merged is not None:
             self.merged.validate(self.num_experts)
-        check = getattr(self.router, "validate_mixture", None)
-        if check is not None:  # rules that involve other mixture fields (remix: no balance loss)
-            check(self)
+        self.router.validate_mixture(self)  # the router's rules on other mixture fields
 
     @property
     def scale(self) -> float:

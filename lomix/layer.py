@@ -99,15 +99,9 @@ class MixtureLinear(nn.Module):
                 self.experts.num_experts, nnz, self.d_in, self.d_out, dtype=self.experts.A.dtype, device=device
             )
         self.router.to(device=weight.device if weight is not None else None)
-        check = getattr(self.router, "check_layer", None)
-        if check is not None:
-            check(name, self.d_in, self.d_out)
-        init_experts = getattr(self.router, "init_experts", None)  # a router's own expert init (Poly/MHR)
-        if init_experts is not None:
-            init_experts(self.experts)
-        bind = getattr(self.router, "bind_mixture", None)
-        if bind is not None:  # routers whose gates depend on the rank or scale (remix's omega)
-            bind(config)
+        self.router.check_layer(name, self.d_in, self.d_out)
+        self.router.init_experts(self.experts)  # a router's own expert initialisation, if any
+        self.router.bind_mixture(config)  # gates that depend on the rank or the LoRA scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale
         self.kernel = config.kernel

@@ -24,13 +24,11 @@ trained, `Library.add(model, name, description)` stores it (lomix.recipes.glider
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .atomic import atomic_file
@@ -38,7 +36,8 @@ from .checkpoint import read_config, read_weights, save
 from .config import MixtureConfig
 from .embedding import DEFAULT_EMBEDDING_MODEL
 from .errors import ConfigError, CorruptFileError, LomixError, MissingFileError, ShapeMismatchError
-from .inject import eject, inject, mixture_layers
+from .frozen import inject_frozen_experts, update_router
+from .inject import mixture_layers
 from .layer import linear_dims
 from .paths import unsafe_reason
 from .routers import GliderRouterConfig, build_router
@@ -276,38 +275,30 @@ def load_library(
         balance={"switch": 0.0, "z_loss": 0.0},
         kernel=kernel,
     )
-    inject(model, config)
-    try:
-        layers = dict(mixture_layers(model))
-        with torch.no_grad():
-            for layer in layers.values():
-                layer.experts.A.zero_()
-                layer.experts.B.zero_()
-                layer.router.present.fill_(False)
-            for j, (_, expert_config, tensors, modules) in enumerate(loaded):
-                scale = _expert_scale(expert_config) / config.scale
-                for module in modules:
-                    layer = layers[module]
-                    layer.experts.load_expert(
-                        j, tensors[f"{module}.experts.A"][0], tensors[f"{module}.experts.B"][0], scale
-                    )
-                    gate = tensors.get(f"{module}.router.gate_vectors")
-                    if gate is not None:
-                        layer.router.gate_vectors[j] = gate[0].to(layer.router.gate_vectors.dtype)
-                    layer.router.present[j] = True
-        for param in model.parameters():
-            param.requires_grad_(False)
-    except BaseException:
-        eject(model)
-        raise
-    assert all(math.isclose(layer.scale, 1.0) for layer in layers.values())
+
+    def fill(layers) -> None:  # GLIDER's own state: which experts each module has, their gate vectors
+        for layer in layers.values():
+            layer.router.present.fill_(False)
+        for j, (_, _, tensors, modules) in enumerate(loaded):
+            for module in modules:
+                layer = layers[module]
+                gate = tensors.get(f"{module}.router.gate_vectors")
+                if gate is not None:
+                    layer.router.gate_vectors[j] = gate[0].to(layer.router.gate_vectors.dtype)
+                layer.router.present[j] = True
+
+    factors = [
+        {m: (tensors[f"{m}.experts.A"][0], tensors[f"{m}.experts.B"][0], _expert_scale(c)) for m in modules}
+        for _, c, tensors, modules in loaded
+    ]
+    inject_frozen_experts(model, config, factors, freeze_routers=True, fill=fill)
+    for param in model.parameters():
+        param.requires_grad_(False)
     return model
 
 
 def set_glider(model: nn.Module, *, alpha: float | None = None, k: int | None = None) -> None:
     """Change a loaded GLIDER mixture's alpha and k (per run: 100 held-in, 3 held-out in the paper)."""
-    import dataclasses
-
     state = getattr(model, "lomix_state", None)
     if state is None or state.config.router.name != "glider":
         raise LomixError("set_glider needs a model holding a glider mixture (lomix.library.load_library)")
@@ -316,11 +307,7 @@ def set_glider(model: nn.Module, *, alpha: float | None = None, k: int | None = 
         changes["alpha"] = alpha
     if k is not None:
         changes["k"] = k
-    router = dataclasses.replace(state.config.router, **changes)
-    router.validate(state.config.num_experts)
-    state.config = dataclasses.replace(state.config, router=router)
-    for _, layer in mixture_layers(model):
-        layer.router.config = router
+    update_router(model, **changes)
 
 
 __all__ = [

@@ -14,7 +14,6 @@ attention. `serial_targets` finds those projections by name, and the input/outpu
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from .config import BalanceConfig, MixtureConfig
 from .errors import LomixError, TargetModulesNotFoundError
+from .frozen import update_router
 from .inject import mixture_layers
 from .layer import linear_dims
 from .routers import router_config
@@ -83,12 +83,8 @@ def set_router(model: nn.Module, **fields: Any) -> LoRAMixerRouterConfig:
     """Change the loramixer routers' config fields (``stage="soft"``, ``k=3``, ...) in place, for every
     layer and in the model's saved config; the router weights stay. Returns the new router config."""
     layers = _mixer_layers(model)
-    state = model.lomix_state
-    config = dataclasses.replace(state.config.router, **fields)
-    config.validate(state.config.num_experts)
-    state.config = dataclasses.replace(state.config, router=config)
+    config = update_router(model, **fields)
     for layer in layers:
-        layer.router.config = config
         layer.router.used.zero_()
     return config
 

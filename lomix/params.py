@@ -9,6 +9,14 @@ from torch import nn
 from .inject import mixture_layers
 
 
+def attach_optimizer(model: nn.Module, optimizer: Any) -> list[Any]:
+    """Let every router class of the model act on its training optimizer (`Router.attach_optimizer`),
+    once per class; returns the handles (each with ``remove()``). ``optimizer`` may be accelerate's wrapper."""
+    classes = {type(layer.router): None for _, layer in mixture_layers(model)}
+    handles = [cls.attach_optimizer(model, optimizer) for cls in classes]
+    return [handle for handle in handles if handle is not None]
+
+
 def parameter_groups(
     model: nn.Module,
     lr: float,
@@ -19,8 +27,8 @@ def parameter_groups(
 ) -> list[dict[str, Any]]:
     """Trainable parameters split into ``experts``, ``routers`` and ``other`` groups.
 
-    ``router_lr`` defaults to the routers' own ``default_lr`` when they declare one (Poly/MHR: 0.1,
-    the paper's rate against 1e-3 for the adapters) and to ``lr`` otherwise. ``other`` holds
+    ``router_lr`` defaults to the routers' own ``default_lr`` when they declare one (a task-routing
+    method may train its routing logits much faster than the adapters) and to ``lr`` otherwise. ``other`` holds
     anything else the user left trainable (a head, say) and gets the experts' settings. Empty
     groups are left out. Each group carries a ``name``, which torch optimizers keep and ignore.
     """
@@ -28,7 +36,7 @@ def parameter_groups(
     for _, layer in mixture_layers(model):
         router_ids.update(id(p) for p in layer.router.parameters())
         expert_ids.update(id(p) for p in layer.experts.parameters())
-        router_defaults.add(getattr(layer.router, "default_lr", None))
+        router_defaults.add(layer.router.default_lr)
     if router_lr is None and len(router_defaults) == 1:
         router_lr = router_defaults.pop()  # None (the routers have no preference) keeps lr
     groups: dict[str, list[nn.Parameter]] = {"experts": [], "routers": [], "other": []}

@@ -80,6 +80,9 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        section = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        if value is not None and type(None) in get_args(tp) and len(get_args(tp)) == 2 and section:
+            return coerce(section[0], value, path)  # an optional section: its own errors name the field
         errors = []
         for arg in get_args(tp):
             try:

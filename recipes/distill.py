@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 import lomix
 from lomix.recipes.data import IGNORE_INDEX
-from lomix.recipes.finetune import forward
+from lomix.recipes.losses import forward
 
 
 def distillation_loss(

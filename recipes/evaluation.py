@@ -32,8 +32,9 @@ from torch.nn import functional as F
 import lomix
 from lomix.atomic import atomic_file
 from lomix.errors import ConfigError
-from lomix.recipes.config import EvalConfig
-from lomix.recipes.data import Example, Formatter, TaskSet
+from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
+from lomix.recipes.config import EvalConfig, FinetuneConfig, load_config
+from lomix.recipes.data import Example, Formatter, TaskSet, check_test_tasks, load_test_examples
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
@@ -75,10 +76,10 @@ def _routing(model: torch.nn.Module, task_id: int, description: str):
 
 
 def whole_sequences(model: torch.nn.Module) -> bool:
-    """True when a router of the model routes on whole sequences (remix, granularity=sequence): a
+    """True when a router of the model routes on whole sequences (`needs_whole_sequences`): a
     KV-cached continuation would route its new tokens alone, so such models score and generate
     without a cache."""
-    return any(getattr(layer.router.config, "needs_whole_sequences", False) for _, layer in lomix.mixture_layers(model))
+    return any(layer.router.config.needs_whole_sequences for _, layer in lomix.mixture_layers(model))
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -364,14 +365,9 @@ def run(
 
     ``task_descriptions`` ("TEXT" for every test task, or "TASK=TEXT") replace the routers' task
     descriptions; a described test task the run never trained on is evaluated as a held-out task
-    (routers that route by description, such as glider, need nothing else).
+    (routers that route by task description need nothing else).
     """
     from accelerate import Accelerator
-
-    from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
-    from lomix.recipes.config import load_config
-    from lomix.recipes.data import check_test_tasks, load_test_examples
-    from lomix.recipes.fewshot import mixture_task_set
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
@@ -394,9 +390,7 @@ def run(
     if not base:
         lomix.load(model, mixture_dir)
         tasks = mixture_task_set(model, tasks)  # a task router's saved names decide the task ids
-        from lomix.recipes.glider import set_eval_router
-
-        set_eval_router(model, cfg)  # a glider run: router.alpha / router.k of this evaluation
+        set_eval_router(model, cfg)  # router fields of the run's config that apply at evaluation
     model.to(accelerator.device)
     results = evaluate_model(
         model, Formatter(tokenizer, cfg.data), test, tasks, cfg.eval, accelerator, cfg.train.progress, "eval"
@@ -407,6 +401,26 @@ def run(
         print(results_table({"base" if base else "mixture": results}))
         print(f"wrote {run_dir / name}")
     return results
+
+
+def mixture_task_set(model: torch.nn.Module, tasks: TaskSet) -> TaskSet:
+    """Task ids for evaluating a loaded mixture: its task router's rows when it names them
+    (`RouterConfig.task_rows`)."""
+    state = getattr(model, "lomix_state", None)
+    names = state.config.router.task_rows if state is not None else []
+    if not names:
+        return tasks
+    return TaskSet(list(names), {n: tasks.descriptions.get(n, n) for n in names})
+
+
+def set_eval_router(model: torch.nn.Module, cfg: FinetuneConfig) -> None:
+    """The run config's router fields that apply at evaluation (`RouterConfig.evaluation_changes`)."""
+    state = getattr(model, "lomix_state", None)
+    if state is None:
+        return
+    changes = cfg.mixture.router.evaluation_changes(state.config.router, state.config.num_experts)
+    if changes:
+        lomix.update_router(model, **changes)
 
 
 def describe_tasks(tasks: TaskSet, given: Sequence[str], test_tasks: Sequence[str]) -> TaskSet:

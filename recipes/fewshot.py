@@ -19,45 +19,25 @@ Few-shot adaptation starts from a finished run (the ``fewshot`` section, METHODS
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
+from torch import nn
+
+import lomix
+from lomix import CONFIG_NAME
+from lomix.checkpoint import read_config
 from lomix.errors import ConfigError
-
-if TYPE_CHECKING:  # the recipe config imports this module's dataclass
-    from torch import nn
-
-    from lomix.recipes.config import FinetuneConfig
-    from lomix.recipes.data import TaskSet
+from lomix.recipes.config import FinetuneConfig
+from lomix.recipes.data import TaskSet
+from lomix.recipes.evaluation import mixture_task_set
+from lomix.recipes.method_config import FewshotConfig
+from lomix.routers import PolyRouterConfig
 
 METHODS = ("mhr_z", "mhr_mu", "continue")
 
 
-@dataclass
-class FewshotConfig:
-    """Start from a trained mixture instead of a fresh one (few-shot adaptation to new tasks)."""
-
-    init_from: str | None = field(
-        default=None,
-        metadata={
-            "help": "a finished run folder (its mixture/) or a lomix mixture folder to start from; null: a fresh "
-            "mixture. When set, the mixture and router sections come from that mixture (yours are ignored)"
-        },
-    )
-    method: Literal["mhr_z", "mhr_mu", "continue"] = field(
-        default="mhr_z",
-        metadata={
-            "help": "mhr_z: fresh routing rows for new tasks, only they train (needs a poly/mhr mixture); mhr_mu: the "
-            "mean of the skills as one LoRA, fine-tuned; continue: train everything further"
-        },
-    )
-
-
 def source_mixture(cfg: FewshotConfig) -> Path:
     """The mixture folder ``fewshot.init_from`` names (a run folder's ``mixture/`` or the folder itself)."""
-    from lomix import CONFIG_NAME
-
     path = Path(cfg.init_from)
     for folder in (path / "mixture", path):
         if (folder / CONFIG_NAME).is_file():
@@ -70,14 +50,10 @@ def source_mixture(cfg: FewshotConfig) -> Path:
 
 
 def _task_router(router) -> bool:
-    from lomix.routers import PolyRouterConfig
-
     return isinstance(router, PolyRouterConfig)
 
 
 def _with_names(tasks: TaskSet, names: list[str]) -> TaskSet:
-    from lomix.recipes.data import TaskSet
-
     return TaskSet(list(names), {n: tasks.descriptions.get(n, n) for n in names})
 
 
@@ -89,8 +65,6 @@ def resolve_tasks(cfg: FinetuneConfig, tasks: TaskSet) -> TaskSet:
     mixture's tasks in place and appends the new ones.
     """
     if cfg.fewshot.init_from is not None:
-        from lomix.checkpoint import read_config
-
         source = read_config(source_mixture(cfg.fewshot))
         if cfg.fewshot.method == "mhr_mu" or not _task_router(source.router):
             if cfg.fewshot.method == "mhr_z":
@@ -130,7 +104,6 @@ def resolve_tasks(cfg: FinetuneConfig, tasks: TaskSet) -> TaskSet:
 
 def _set_mixture(cfg: FinetuneConfig, mixture) -> None:
     cfg.mixture = mixture
-    cfg.router = mixture.router
 
 
 def build_mixture(model: nn.Module, cfg: FinetuneConfig, tasks: TaskSet, data_tasks: list[str]) -> None:
@@ -138,8 +111,6 @@ def build_mixture(model: nn.Module, cfg: FinetuneConfig, tasks: TaskSet, data_ta
 
     ``tasks`` is `resolve_tasks`'s result, ``data_tasks`` the task names of the training data.
     """
-    import lomix
-
     if cfg.fewshot.init_from is None:
         lomix.inject(model, cfg.mixture)
         return
@@ -152,15 +123,6 @@ def build_mixture(model: nn.Module, cfg: FinetuneConfig, tasks: TaskSet, data_ta
         if method == "mhr_z":
             lomix.train_only_task_rows(model, [tasks.id(n) for n in data_tasks])
     _set_mixture(cfg, model.lomix_state.config)
-
-
-def mixture_task_set(model: nn.Module, tasks: TaskSet) -> TaskSet:
-    """Task ids for evaluating a loaded mixture: its task router's rows when it names them."""
-    state = getattr(model, "lomix_state", None)
-    router = state.config.router if state is not None else None
-    if router is None or not _task_router(router) or not router.tasks:
-        return tasks
-    return _with_names(tasks, router.tasks)
 
 
 __all__ = ["METHODS", "FewshotConfig", "build_mixture", "mixture_task_set", "resolve_tasks", "source_mixture"]

@@ -12,9 +12,9 @@ Loss: cross-entropy on the answer tokens only (the prompt is masked), normalised
 answer tokens in the whole global batch (all micro-batches of all processes), so one process with
 batch B x accumulation A computes the same update as P processes with batch B x A / P.
 
-Routers that sample their selection (remix) train by RLOO: each micro-batch runs replicated
-``rloo.samples`` (M) times in one forward; the experts get the mean of the M losses, the router the
-RLOO surrogate of the per-example losses (`rloo_loss`). Log records carry each layer's routing
+Routers that sample their selection name the gradient estimator that trains them
+(`RouterConfig.estimator`); the loss of a micro-batch then comes from it (`losses.batch_loss_for`:
+the experts get the answer loss, the router a surrogate). Log records carry each layer's routing
 statistics (``train.routing_stats``).
 
 Checkpoints (``output_dir/checkpoints/step-NNNNNN``) are written atomically: a folder appears only
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
+import copy
 import json
 import math
 import os
@@ -40,18 +40,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 import lomix
-import lomix.rloo
 from lomix.atomic import atomic_directory, atomic_file
 from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError, LomixError
 from lomix.inject import check_targets_run
 from lomix.quant import prepare_kbit_training
+from lomix.recipes import quantization
+from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
-from lomix.recipes.data import IGNORE_INDEX, Collator, EpochSampler, Formatter, ListDataset, TaskSet, task_set, tokenize
+from lomix.recipes.data import (
+    Collator,
+    EpochSampler,
+    Formatter,
+    ListDataset,
+    TaskSet,
+    load_examples,
+    task_set,
+    tokenize,
+)
+from lomix.recipes.evaluation import evaluate_model, results_table, write_json
 from lomix.recipes.fewshot import build_mixture, resolve_tasks
+from lomix.recipes.losses import answer_loss_sum, answer_tokens, batch_loss_for, forward
 from lomix.stats import RoutingStats
 
 CHECKPOINTS = "checkpoints"
@@ -87,39 +98,6 @@ def lr_factor(cfg: TrainConfig):
     return factor
 
 
-def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the answer tokens (labels != -100)."""
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def answer_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(rows,) summed next-token cross-entropy over each row's answer tokens."""
-    return F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
-    ).sum(1)
-
-
-def rloo_loss(model: torch.nn.Module, batch: dict[str, Any], samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer loss, RLOO surrogate) of a micro-batch run with ``samples`` selections per example.
-
-    The batch is replicated ``samples`` times in ONE forward. The answer loss is the mean over the
-    selections of the summed answer-token loss (what the experts train on, comparable with
-    `answer_loss_sum`); the surrogate's gradient is the RLOO estimate of the router gradient of the
-    same summed loss, with each example's loss under each selection as the reward (lomix.rloo).
-    """
-    rows = batch["input_ids"].shape[0] * samples
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    with lomix.rloo.recording(inner):
-        per_row = answer_loss_rows(*forward(model, lomix.rloo.replicate(batch, samples)))
-        log_q = lomix.rloo.selection_log_prob(inner, rows)
-    return per_row.sum() / samples, lomix.rloo.rloo_surrogate(per_row, log_q, samples)
-
-
 def routing_record(stats: RoutingStats) -> dict[str, Any]:
     """Mean effective support, entropy and router-distribution support over layers, and per layer
     those plus the expert load, from the routing statistics gathered since the last record."""
@@ -134,50 +112,6 @@ def routing_record(stats: RoutingStats) -> dict[str, Any]:
             record[f"routing_{key}"] = sum(values) / len(values)
     record["routing"] = layers
     return record
-
-
-def answer_tokens(batch: dict[str, Any]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of the wrapped model, over the last columns that hold answer tokens.
-
-    Batches are left-padded, so the answers end every row; asking for the logits of those columns
-    only skips most of the LM head. Task ids and descriptions reach the routers' RoutingContext.
-    """
-    labels = batch["labels"]
-    answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    keep = labels.shape[1] - int(answer_columns[0]) + 1 if len(answer_columns) else labels.shape[1]
-    extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        task_ids=batch["task_ids"],
-        task_descriptions=batch["task_descriptions"],
-        use_cache=False,
-        **extra,
-    ).logits
-    return logits, labels[:, -logits.shape[1] :]
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    return name in inspect.signature(type(inner).forward).parameters
-
-
-@contextlib.contextmanager
-def mixture_disabled(model: torch.nn.Module):
-    """Run the frozen base alone (the "before" evaluation)."""
-    layers = [layer for _, layer in lomix.mixture_layers(model)]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.disabled = False
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -269,14 +203,11 @@ def completed_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
-    """``build(model, cfg, tasks, data_tasks)`` puts the mixture into the model (`lomix.recipes.loramixer` stages)."""
+    """``build(model, cfg, tasks, data_tasks)`` puts the mixture into the model (a method's stages pass their own)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from lomix.recipes import quantization
-    from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
-    from lomix.recipes.data import load_examples
-
+    cfg = copy.deepcopy(cfg)  # the build resolves the mixture (task names, few-shot start) in the run's copy
     quantization.check(cfg.model, cfg.train)  # a missing bitsandbytes is named before anything loads
     out = check_output_dir(cfg)
     checkpoint = find_checkpoint(cfg.resume_from) if cfg.resume_from else None
@@ -341,8 +272,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
         model, cfg.train.lr, router_lr=cfg.train.router_lr, weight_decay=cfg.train.weight_decay
     )
     optimizer = quantization.build_optimizer(groups, cfg.train)  # torch AdamW or a bitsandbytes 8-bit one
-    # LoRA-Mixer's hard stage: expert j moves on batches of domain j only (a no-op for other routers).
-    lomix.loramixer.freeze_unrouted_experts(model, optimizer)
+    lomix.attach_optimizer(model, optimizer)  # the routers' own optimizer rules (Router.attach_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     probe = Collator(tokenizer.pad_token_id)(features[: cfg.train.batch_size])
@@ -562,7 +492,7 @@ def train(run: Run) -> list[dict[str, Any]]:
         dynamic_ncols=True,
     )
     window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
-    samples = run.cfg.rloo.samples if getattr(run.cfg.router, "estimator", None) == "rloo" else None
+    batch_loss = batch_loss_for(run.cfg)  # the router's gradient estimator, or plain backpropagation
     # Hooks on the layers; closed after the loop (gradient checkpointing records each routing twice,
     # identically, which leaves the logged means unchanged).
     stats = RoutingStats(run.unwrapped, training_only=True).__enter__() if cfg.routing_stats else None
@@ -583,10 +513,7 @@ def train(run: Run) -> list[dict[str, Any]]:
         skipped = False
         for batch in group:
             with accelerator.accumulate(model):
-                if samples:
-                    token_sum, surrogate = rloo_loss(model, batch, samples)
-                else:
-                    token_sum, surrogate = answer_loss_sum(*forward(model, batch)), 0.0
+                token_sum, surrogate = batch_loss(model, batch)
                 aux = lomix.aux_loss(model)
                 # accelerate divides by grad_accum, DDP averages over processes: undo both so that the
                 # update is d(sum of answer-token losses of the global batch) / (its answer tokens).
@@ -716,8 +643,6 @@ def flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
     """Fine-tune, save, evaluate. Returns {"records", "before", "after"} (evaluations may be None)."""
-    from lomix.recipes.evaluation import evaluate_model, results_table, write_json
-
     run = setup(cfg, build)
     accelerator, out = run.accelerator, run.out
     evaluate = bool(run.test)
@@ -726,7 +651,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
         if (out / "eval_before.json").is_file() and run.state.step > 0:
             before = json.loads((out / "eval_before.json").read_text())
         else:
-            with mixture_disabled(run.unwrapped):
+            with lomix.disabled(run.unwrapped):
                 before = evaluate_model(
                     run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval, accelerator, cfg.train.progress,
                     "eval (base model)",

@@ -22,6 +22,7 @@ share of tokens whose top-k includes that expert and its share of the gate mass,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -34,8 +35,14 @@ import torch
 import lomix
 from lomix.errors import ConfigError, LomixError
 from lomix.library import Library, gate_parameters, load_library, prepare_gate_training
-from lomix.recipes.config import FinetuneConfig, LibraryConfig, ModelConfig, load_config
-from lomix.recipes.data import Collator, Example, Formatter, TaskSet, task_set, tokenize
+from lomix.recipes.assets import load_model_and_tokenizer
+from lomix.recipes.config import FinetuneConfig, ModelConfig, load_config
+from lomix.recipes.data import Collator, Example, Formatter, TaskSet, load_examples, task_set, tokenize
+from lomix.recipes.evaluation import evaluate_model, results_table, select_examples, write_json
+from lomix.recipes.finetune import check_output_dir, write_text
+from lomix.recipes.losses import answer_loss_sum, answer_tokens, forward
+from lomix.recipes.method_config import LibraryConfig
+from lomix.recipes.runs import load_run, model_inputs, run_examples
 from lomix.stats import RoutingStats
 
 logger = logging.getLogger(__name__)
@@ -67,8 +74,6 @@ def train_gates(
 ) -> list[float]:
     """Train the gate vectors of a `prepare_gate_training` model for ``steps`` AdamW steps on
     ``features`` (training-format, lomix.recipes.data.tokenize); returns the per-step answer loss."""
-    from lomix.recipes.finetune import answer_loss_sum, answer_tokens, forward
-
     if not features:
         raise ConfigError("library.gate_steps", "gate training needs training examples; the expert's data is empty")
     params = gate_parameters(model)
@@ -134,8 +139,6 @@ def describe_task(examples: Sequence[Example], model: torch.nn.Module, tokenizer
 
 def load_describer(cfg: LibraryConfig, model_cfg: ModelConfig):
     """(model, tokenizer) of ``library.describe_with`` ('base': the run's own base model)."""
-    from lomix.recipes.assets import load_model_and_tokenizer
-
     if cfg.describe_with == "base":
         describer = model_cfg
     else:
@@ -165,8 +168,6 @@ def add_run(
 ) -> dict[str, Any]:
     """Add the single-task expert of a finished finetune run: train its PHATGOOSE gates on the run's
     own training data (``cfg.gate_steps``) and store it. Returns what was added."""
-    from lomix.recipes.runs import load_run, run_examples
-
     loaded = load_run(run_dir)
     if len(loaded.tasks.names) != 1:
         raise ConfigError(
@@ -218,7 +219,6 @@ def add_peft(
     """Add a third-party PEFT LoRA (hub id or folder) as an expert. Its gates start at zero (local
     logit 0 everywhere: GLIDER routes to it by its description alone) until trained on its data."""
     from lomix.hub import load_peft_experts
-    from lomix.recipes.assets import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(model_cfg)
     load_peft_experts(model, [source], router="phatgoose", check_base=check_base)
@@ -274,8 +274,6 @@ def own_expert_share(
             for start in range(0, len(features), batch_size):
                 batch = collate(features[start : start + batch_size])
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                from lomix.recipes.runs import model_inputs
-
                 model(**model_inputs(batch), use_cache=False)
         summary = stats.summary()
         layers = [s for name, s in summary.items() if bool(present[name][j])]
@@ -291,11 +289,6 @@ def own_expert_share(
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Assemble GLIDER over ``library.path`` for the config's tasks, save the run folder, evaluate."""
-    from lomix.recipes.assets import load_model_and_tokenizer
-    from lomix.recipes.data import load_examples
-    from lomix.recipes.evaluation import evaluate_model, results_table, write_json
-    from lomix.recipes.finetune import check_output_dir, write_text
-
     if cfg.mixture.router.name != "glider":
         raise ConfigError("router.name", f"lomix glider routes with the glider router, got {cfg.mixture.router.name!r}")
     if not cfg.library.path:
@@ -316,8 +309,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         missing_task=router.missing_task,
         kernel=cfg.mixture.kernel,
     )
-    cfg.mixture = model.lomix_state.config
-    cfg.router = cfg.mixture.router
+    cfg = dataclasses.replace(cfg, mixture=model.lomix_state.config)  # what was built; the caller's cfg stays
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", cfg.to_yaml())
     write_text(out / "tasks.json", json.dumps(tasks.to_dict(), indent=2) + "\n")
@@ -333,8 +325,6 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         results["eval"] = evaluate_model(model, formatter, test, tasks, cfg.eval, None, cfg.train.progress, "eval")
         write_json(out / "eval.json", results["eval"])
         print(results_table({"glider": results["eval"]}), flush=True)
-        from lomix.recipes.evaluation import select_examples
-
         shown = select_examples(test, cfg.eval)
         results["routing"] = own_expert_share(model, formatter, shown, tasks, cfg.eval.batch_size)
         write_json(out / "routing.json", results["routing"])
@@ -345,16 +335,6 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                 flush=True,
             )
     return results
-
-
-def set_eval_router(model: torch.nn.Module, cfg: FinetuneConfig) -> None:
-    """``lomix eval`` of a glider run: the config's router.alpha and router.k (overridable) apply."""
-    state = getattr(model, "lomix_state", None)
-    if state is None or state.config.router.name != "glider" or cfg.mixture.router.name != "glider":
-        return
-    lomix.library.set_glider(
-        model, alpha=cfg.mixture.router.alpha, k=min(cfg.mixture.router.k, state.config.num_experts)
-    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -377,6 +357,5 @@ __all__ = [
     "own_expert_share",
     "resolve_descriptions",
     "run",
-    "set_eval_router",
     "train_gates",
 ]

@@ -26,70 +26,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
+from torch import nn
+
+import lomix
+import lomix.hub
+from lomix import CONFIG_NAME
+from lomix.checkpoint import read_config
 from lomix.errors import ConfigError
-
-if TYPE_CHECKING:  # the recipe config imports this module's dataclass
-    from torch import nn
-
-    from lomix.recipes.config import FinetuneConfig
-    from lomix.recipes.data import TaskSet
-
-
-@dataclass
-class LoramixerConfig:
-    """LoRA-Mixer's stages (``lomix loramixer``; ignored by ``lomix train``)."""
-
-    adapters: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "plug-and-play: PEFT LoRA adapters (folders or hub ids namespace/name[@rev]) as the frozen "
-            "experts, expert j = adapters[j]; no hard stage, only the router trains. Empty: train the experts"
-        },
-    )
-    hard_steps: int | None = field(
-        default=None, metadata={"help": "optimizer steps of the hard (label-routed) stage; null: train.max_steps"}
-    )
-    init_from: str | None = field(
-        default=None,
-        metadata={
-            "help": "a finished hard stage (its run folder or mixture folder): skip the hard stage and start the "
-            "soft stage from its experts (e.g. several soft-stage settings from one hard stage)"
-        },
-    )
-    soft_steps: int | None = field(
-        default=None, metadata={"help": "optimizer steps of the soft (router) stage; null: train.max_steps"}
-    )
-    soft_trains_experts: bool = field(
-        default=False, metadata={"help": "also train the experts in the soft stage (default: only the router)"}
-    )
-    targets: Literal["serial", "mixture"] = field(
-        default="serial",
-        metadata={
-            "help": "serial: wrap the attention q/k/v/o projections (and SSM in_proj/out_proj) the model has "
-            "(lomix.loramixer.serial_targets); mixture: mixture.target_modules as given"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("hard_steps", "soft_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"loramixer.{name}", f"must be >= 1 or null, got {value}")
-        if any(not isinstance(a, str) or not a for a in self.adapters):
-            raise ConfigError("loramixer.adapters", f"must be a list of folders or hub ids, got {self.adapters!r}")
-        if self.adapters and self.init_from:
-            raise ConfigError("loramixer.init_from", "give either adapters (plug-and-play) or init_from, not both")
+from lomix.loramixer import freeze_experts, serial_targets, set_router
+from lomix.recipes import finetune
+from lomix.recipes.config import FinetuneConfig, load_config
+from lomix.recipes.data import TaskSet
+from lomix.recipes.method_config import LoramixerConfig
 
 
 def hard_mixture(path: str | Path) -> Path:
     """The mixture folder of a finished hard stage (``loramixer.init_from``), checked to be one."""
-    from lomix import CONFIG_NAME
-    from lomix.checkpoint import read_config
-
     path = Path(path)
     folder = next((f for f in (path / "mixture", path) if (f / CONFIG_NAME).is_file()), None)
     if folder is None:
@@ -104,13 +59,11 @@ def hard_mixture(path: str | Path) -> Path:
 
 def stage_config(cfg: FinetuneConfig, stage: str, steps: int | None, out: Path, **eval_fields) -> FinetuneConfig:
     """``cfg`` for one stage: the router in ``stage``, its steps, its own folder and evaluation settings."""
-    router = dataclasses.replace(cfg.router, stage=stage)
-    mixture = dataclasses.replace(cfg.mixture, router=router)
+    mixture = dataclasses.replace(cfg.mixture, router=dataclasses.replace(cfg.mixture.router, stage=stage))
     train = dataclasses.replace(cfg.train, max_steps=steps or cfg.train.max_steps)
     return dataclasses.replace(
         cfg,
         mixture=mixture,
-        router=router,
         train=train,
         eval=dataclasses.replace(cfg.eval, **eval_fields),
         output_dir=str(out),
@@ -119,14 +72,10 @@ def stage_config(cfg: FinetuneConfig, stage: str, steps: int | None, out: Path, 
 
 def _set_mixture(cfg: FinetuneConfig, mixture) -> None:
     cfg.mixture = mixture
-    cfg.router = mixture.router
 
 
 def build_hard(model: nn.Module, cfg: FinetuneConfig, tasks: TaskSet, data_tasks: list[str]) -> None:
     """Stage 1: a fresh mixture on the serial projections, expert j for task j."""
-    import lomix
-    from lomix.loramixer import serial_targets
-
     if len(tasks.names) > cfg.mixture.num_experts:
         raise ConfigError(
             "mixture.num_experts",
@@ -146,11 +95,7 @@ def soft_builder(source: Path | list[str]):
     """Stage 2: the hard stage's mixture (a folder) or PEFT adapters (a list), router in the soft stage."""
 
     def build(model: nn.Module, cfg: FinetuneConfig, tasks: TaskSet, data_tasks: list[str]) -> None:
-        import lomix
-        import lomix.hub
-        from lomix.loramixer import freeze_experts, set_router
-
-        router = {f.name: getattr(cfg.router, f.name) for f in dataclasses.fields(cfg.router)}
+        router = dict(vars(cfg.mixture.router))  # its dataclass fields
         if isinstance(source, list):
             lomix.hub.load_peft_experts(
                 model, source, router=cfg.router, balance=cfg.mixture.balance, kernel=cfg.mixture.kernel
@@ -168,8 +113,6 @@ def soft_builder(source: Path | list[str]):
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """The stages; returns {"hard": ..., "soft": ...} with each stage's finetune result (hard: None
     in plug-and-play mode)."""
-    from lomix.recipes import finetune
-
     if cfg.router.name != "loramixer":
         raise ConfigError("router.name", f"lomix loramixer needs the loramixer router, got {cfg.router.name!r}")
     if cfg.resume_from is not None:
@@ -204,8 +147,6 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from lomix.recipes.config import load_config
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="a YAML config with the loramixer router (recipes/configs/loramixer.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loramixer.hard_steps=20 router.k=2")

@@ -29,6 +29,8 @@ import torch
 import lomix
 from lomix.atomic import atomic_directory
 from lomix.merge import MergeOptions, merge_mixture
+from lomix.recipes.distill import recover
+from lomix.recipes.evaluation import evaluate_model, results_table
 from lomix.recipes.runs import LoadedRun, batches, copy_run_files, load_run, model_inputs, run_examples
 from lomix.stats import RoutingStats
 
@@ -56,8 +58,6 @@ def merge_run(
     report = merge_mixture(run.model, stats, options).to_dict()
     report["recovery"] = []
     if recover_steps:
-        from lomix.recipes.distill import recover
-
         if teacher is None:
             raise ValueError("recovery needs the unmerged mixture as teacher")
         examples = run_examples(run, "train")
@@ -103,8 +103,6 @@ def run(
     report["calibration"] = {"data": "train", "per_task": calibration_per_task}
     evaluation = None
     if evaluate:
-        from lomix.recipes.evaluation import evaluate_model, results_table
-
         cfg = loaded.cfg.eval
         if eval_per_task is not None:
             cfg.max_examples_per_task = eval_per_task

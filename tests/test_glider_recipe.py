@@ -19,8 +19,9 @@ from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_config, wr
 import lomix
 from lomix.library import Library, load_library
 from lomix.recipes import glider
-from lomix.recipes.config import LibraryConfig, ModelConfig, build_config
+from lomix.recipes.config import ModelConfig, build_config
 from lomix.recipes.finetune import run as finetune
+from lomix.recipes.method_config import LibraryConfig
 
 LOMIX = str(Path(sys.executable).parent / "lomix")
 DESCRIPTIONS = {

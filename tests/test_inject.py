@@ -359,3 +359,33 @@ def test_the_probe_leaves_router_buffers_as_they_were():
     assert not model.proj.router.used.any()
     model(x, task_ids=[1, 3])  # the same forward outside the probe does mark them
     assert model.proj.router.used.tolist() == [False, True, False, True]
+
+
+def test_disabled_runs_the_base_alone_and_restores_the_mixture(llama_case):
+    model, fresh = build_pair(llama_case)
+    lomix.inject(model, mixture_config(llama_case))
+    randomize_experts(model)
+    inputs = llama_case.inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed = model(**inputs).logits
+        base = fresh(**inputs).logits
+        with lomix.disabled(model):
+            torch.testing.assert_close(model(**inputs).logits, base, rtol=0, atol=0)
+        torch.testing.assert_close(model(**inputs).logits, mixed, rtol=0, atol=0)
+        with pytest.raises(RuntimeError), lomix.disabled(model):
+            raise RuntimeError("inside the block")
+        torch.testing.assert_close(model(**inputs).logits, mixed, rtol=0, atol=0)
+    assert not torch.equal(mixed, base)
+
+
+def test_update_router_changes_every_layer_and_the_saved_config(llama_case, tmp_path):
+    model, _ = build_pair(llama_case)
+    lomix.inject(model, mixture_config(llama_case))
+    config = lomix.update_router(model, k=3)
+    assert config.k == 3 and model.lomix_state.config.router.k == 3
+    assert {layer.router.config.k for _, layer in lomix.mixture_layers(model)} == {3}
+    lomix.save(model, tmp_path / "m")
+    assert lomix.MixtureConfig.load(tmp_path / "m" / lomix.CONFIG_NAME).router.k == 3
+    with pytest.raises(lomix.ConfigError, match=r"router\.k"):
+        lomix.update_router(model, k=5)  # more than num_experts=4
+    assert model.lomix_state.config.router.k == 3

@@ -215,3 +215,15 @@ def test_the_shipped_mhr_configs_hold_out_their_few_shot_tasks():
     # SmolLM2-135M: hidden 576, grouped-query k/v 3 x 64 = 192, MLP 1536; every head gets a whole slice
     assert all(size % multi.router.n_heads == 0 for size in (576, 192, 1536))
     assert multi.mixture.num_experts * multi.mixture.rank == 16  # a rank-16 LoRA's adapter parameters
+
+
+def test_setup_resolves_the_task_names_in_its_own_copy_of_the_config(assets, tmp_path):
+    cfg = mhr_cfg(assets, tmp_path / "untouched")
+    before = cfg.to_dict()
+    try:
+        run = finetune.setup(cfg)
+    finally:
+        reset_accelerate()
+    assert cfg.to_dict() == before and cfg.router.tasks == []  # the caller's object is as given
+    assert run.cfg.router.tasks == sorted(HELD_IN)  # the run's copy says what was built
+    assert yaml.safe_load((tmp_path / "untouched" / "config.yaml").read_text())["router"]["tasks"] == sorted(HELD_IN)

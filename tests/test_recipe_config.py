@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lomix
 from lomix.errors import ConfigError
 from lomix.recipes import config as rc
 from lomix.routers import available_routers, router_class
@@ -49,7 +50,7 @@ def test_every_shipped_recipe_config_validates_with_dry_run(path):
     resolved = yaml.safe_load(result.stdout)
     # The printed config is complete and is itself a valid config equal to the file's.
     assert rc.build_config(resolved) == rc.load_config(path)
-    assert set(resolved) == {f.name for f in dataclasses.fields(rc.FinetuneConfig)}
+    assert set(resolved) == {f.name for f in dataclasses.fields(rc.FinetuneConfig)} | {"router"}
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
@@ -218,3 +219,75 @@ def test_yaml_errors_and_tag_refusals_are_one_line_with_the_position(tmp_path):
     path.write_text("seed: !custom 3\n")
     result = subprocess.run([LOMIX, "train", str(path)], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "!custom" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# One router handle: the router lives in mixture.router only; switching it replaces its section.
+
+
+def _yaml(tmp_path, data, name="c") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_the_router_lives_in_one_place_and_round_trips_through_yaml(tmp_path):
+    cfg = rc.load_config(_yaml(tmp_path, minimal(router={"name": "topk", "k": 3})))
+    assert "router" not in {f.name for f in dataclasses.fields(rc.FinetuneConfig)}
+    assert cfg.router is cfg.mixture.router and cfg.router.k == 3
+    text = cfg.to_yaml()
+    assert "router" not in yaml.safe_load(text)["mixture"]
+    assert rc.build_config(yaml.safe_load(text)) == cfg
+
+
+def test_overriding_router_name_replaces_the_whole_section_with_a_notice(tmp_path, capsys):
+    path = _yaml(tmp_path, minimal(router={"name": "topk", "k": 3, "jitter": 0.1}))
+    cfg = rc.load_config(path, ["router.name=dense"])
+    assert cfg.router == lomix.router_config("dense")
+    assert "dropped router.jitter, router.k" in capsys.readouterr().err
+    # keys given after the switch belong to the new router; an old router's key is refused there
+    assert rc.load_config(path, ["router.name=remix", "router.k=1"]).router.k == 1
+    with pytest.raises(ConfigError, match=r"router\.jitter: unknown key"):
+        rc.load_config(path, ["router.name=dense", "router.jitter=0.1"])
+    # naming the file's own router keeps its section
+    assert rc.load_config(path, ["router.name=topk"]).router.k == 3
+
+
+def test_a_routers_needs_are_its_defaults_and_refused_only_when_set_explicitly(tmp_path, capsys):
+    generic = lomix.BalanceConfig().switch
+    assert generic > 0
+    # the file was written for topk (explicit switch): switching to remix by override takes remix's default
+    path = _yaml(tmp_path, minimal(mixture={"balance": {"switch": generic}}, router={"name": "topk"}))
+    assert rc.load_config(path, ["router.name=remix"]).mixture.balance.switch == 0.0
+    assert "mixture.balance.switch=0.0: the remix router's default" in capsys.readouterr().err
+    assert rc.load_config(path, ["router={name: remix, k: 1}"]).mixture.balance.switch == 0.0  # the section whole
+    # a file without a balance section: remix's default, with a notice
+    bare = _yaml(tmp_path, minimal(router={"name": "remix"}), "bare")
+    assert rc.load_config(bare).mixture.balance.switch == 0.0
+    assert "the remix router's default (unset before)" in capsys.readouterr().err
+    # set explicitly for remix (in its file or on the command line): refused, naming the field
+    with pytest.raises(ConfigError, match=r"balance\.switch: must be 0 with the remix router"):
+        rc.load_config(path, ["router.name=remix", "mixture.balance.switch=0.05"])
+    explicit = _yaml(tmp_path, minimal(mixture={"balance": {"switch": 0.05}}, router={"name": "remix"}), "explicit")
+    with pytest.raises(ConfigError, match=r"balance\.switch: must be 0 with the remix router"):
+        rc.load_config(explicit)
+    # other routers keep the generic default
+    assert rc.load_config(bare, ["router.name=topk"]).mixture.balance.switch == generic
+
+
+def test_router_defaults_apply_in_python_too():
+    assert lomix.MixtureConfig(router=lomix.router_config("remix")).balance.switch == 0.0
+    assert lomix.MixtureConfig().balance == lomix.BalanceConfig()
+    with pytest.raises(ConfigError, match=r"balance\.switch: must be 0 with the remix router"):
+        lomix.MixtureConfig(router=lomix.router_config("remix"), balance=lomix.BalanceConfig(switch=0.01))
+    config = lomix.MixtureConfig(router=lomix.router_config("remix"))
+    assert lomix.MixtureConfig.from_json(config.to_json()) == config
+
+
+def test_dry_run_switches_the_quickstart_router_by_override():
+    for name, switch in (("dense", 0.01), ("remix", 0.0)):
+        result = lomix_cli("train", str(CONFIGS / "quickstart.yaml"), f"router.name={name}", "--dry-run")
+        assert result.returncode == 0, result.stderr
+        resolved = yaml.safe_load(result.stdout)
+        assert resolved["router"]["name"] == name and resolved["mixture"]["balance"]["switch"] == switch
+        assert "dropped router.k" in result.stderr

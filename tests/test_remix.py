@@ -205,8 +205,10 @@ def test_each_selected_expert_gets_the_constant_weight_omega(omega):
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"router.k: must be between 1 and num_experts=4, got 5"):
         lomix.MixtureConfig(num_experts=4, balance={"switch": 0.0}, router=lomix.router_config("remix", k=5))
+    # no Switch loss is the remix router's default; one set explicitly is refused
+    assert lomix.MixtureConfig(num_experts=4, router=lomix.router_config("remix", k=2)).balance.switch == 0.0
     with pytest.raises(ConfigError, match=r"balance.switch: must be 0 with the remix router"):
-        lomix.MixtureConfig(num_experts=4, router=lomix.router_config("remix", k=2))
+        lomix.MixtureConfig(num_experts=4, balance={"switch": 0.01}, router=lomix.router_config("remix", k=2))
     with pytest.raises(ConfigError, match=r"router.granularity: expected one of 'sequence', 'token'"):
         lomix.router_config("remix", granularity="layer")
     with pytest.raises(ConfigError, match=r"router.omega_alpha: must be > 0"):

@@ -11,7 +11,7 @@ import torch
 from tiny_assets import run_assets, tiny_config
 
 import lomix
-from lomix.recipes import finetune
+from lomix.recipes import finetune, losses
 from lomix.recipes.config import build_config
 from lomix.recipes.evaluation import whole_sequences
 
@@ -55,13 +55,13 @@ def test_rloo_loss_trains_experts_on_the_mean_loss_and_routers_on_the_surrogate(
             layer.experts.B.normal_(std=0.3)
     batch = next(iter(run.loader))
     torch.manual_seed(0)
-    token_sum, surrogate = finetune.rloo_loss(run.model, batch, 3)
+    token_sum, surrogate = losses.rloo_loss(run.model, batch, 3)
     routers = [p for layer in layers for p in layer.router.parameters()]
     experts = [p for layer in layers for p in layer.experts.parameters()]
     # the experts' loss is the mean over the 3 selections of the summed answer loss
     torch.manual_seed(0)
     replicated = lomix.rloo.replicate(batch, 3)
-    rows = finetune.answer_loss_rows(*finetune.forward(run.model, replicated))
+    rows = losses.answer_loss_rows(*losses.forward(run.model, replicated))
     assert float(token_sum.detach()) == pytest.approx(float(rows.detach().sum()) / 3, rel=1e-5)
     # the mean loss reaches no router (constant gates, detached router input) ...
     assert all(g is None for g in torch.autograd.grad(token_sum, routers, retain_graph=True, allow_unused=True))

@@ -1,10 +1,18 @@
-"""Routers: one file per routing method, registered by name with its config dataclass."""
+"""Routers: one file per routing method, registered by name with its config dataclass.
+
+Every module of this package is imported here (registering its router), so a new router is one
+file in this folder; the explicit imports below only name the shipped classes for users.
+"""
+
+import importlib
+import pkgutil
 
 from .base import (
     Router,
     RouterConfig,
     available_routers,
     build_router,
+    load_plugins,
     register_router,
     router_class,
     router_config,
@@ -40,8 +48,17 @@ __all__ = [
     "TopKRouterConfig",
     "available_routers",
     "build_router",
+    "load_plugins",
     "register_router",
     "router_class",
     "router_config",
     "router_config_from_dict",
 ]
+
+
+def _import_every_router() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_every_router()

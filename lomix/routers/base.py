@@ -1,19 +1,28 @@
 """The router interface and the registry that maps a router's name to its class and config.
 
 A router is one file: a config dataclass (subclass of `RouterConfig`) and a module (subclass of
-`Router`) registered together with `@register_router("name", ConfigClass)`.
+`Router`) registered together with `@register_router("name", ConfigClass)`. Routers of other
+installed packages are found through the entry-point group ``lomix.routers`` (name = the router's
+name, value = the module that registers it), imported the first time a name is looked up.
+
+The contract is written down here: every hook that the layer, `lomix.inject`, the optimizer set-up
+(`lomix.parameter_groups`) or a recipe may call is declared below with a no-op default, and callers
+call it unconditionally. A router overrides only the hooks it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from ..errors import ConfigError
 from ..typed import from_dict, to_dict
+
+if TYPE_CHECKING:
+    from ..config import MixtureConfig
 
 
 @dataclass
@@ -22,8 +31,45 @@ class RouterConfig:
 
     name: ClassVar[str] = ""
 
+    estimator: ClassVar[str | None] = None
+    """How a recipe trains this router: None (backpropagation through the gates) or ``"rloo"`` (the
+    selection is sampled; the finetune recipe runs ``rloo.samples`` selections per example, remix)."""
+
     def validate(self, num_experts: int) -> None:
         """Raise `ConfigError` (field ``router.<name>``) for values impossible with ``num_experts``."""
+
+    def validate_mixture(self, mixture: MixtureConfig) -> None:
+        """Raise `ConfigError` for rules that involve other mixture fields (remix: no balance loss).
+
+        Called by `MixtureConfig` after every field is checked, with the router's defaults applied.
+        """
+
+    def mixture_defaults(self) -> dict[str, Any]:
+        """Values of other `MixtureConfig` fields this router needs, as nested plain dicts
+        (remix: ``{"balance": {"switch": 0.0}}``).
+
+        They replace the generic defaults of fields the user did not set (with a notice in the
+        recipes); a value the user did set explicitly is checked by `validate_mixture` instead.
+        """
+        return {}
+
+    @property
+    def task_rows(self) -> list[str]:
+        """Task names whose order fixes the task ids this router routes by (Poly/MHR: ``tasks``);
+        evaluation gives a loaded mixture's tasks these ids. Empty for routers that take no task id."""
+        return []
+
+    def evaluation_changes(self, saved: RouterConfig, num_experts: int) -> dict[str, Any]:
+        """Fields of a loaded mixture's router config ``saved`` that this config (a run's, with the
+        user's overrides) changes for an evaluation (glider: alpha and k); applied with
+        `lomix.update_router`. Default: none."""
+        return {}
+
+    @property
+    def needs_whole_sequences(self) -> bool:
+        """True when a forward call must see whole sequences: no KV-cached continuation (remix with
+        granularity=sequence routes on the mean of all tokens of one call)."""
+        return False
 
     @classmethod
     def from_config_dict(cls, data: Any, path: str = "router") -> RouterConfig:
@@ -42,13 +88,17 @@ class Router(nn.Module):
     layer input of shape (..., d_in) (the leading dims are (batch, seq) for transformers) and
     context the batch's `RoutingContext`.
 
-    Optional hooks the layer calls when present: ``check_layer(name, d_in, d_out)`` (refuse a layer)
-    and ``bind_mixture(mixture_config)`` (gates that depend on the rank or the LoRA scale, remix);
-    a config may define ``validate_mixture(mixture_config)``, which `MixtureConfig` calls.
+    The hooks below are called by `MixtureLinear` when it is built, in this order:
+    ``check_layer``, ``init_experts``, ``bind_mixture``; `lomix.parameter_groups` reads
+    ``default_lr`` and `lomix.attach_optimizer` calls ``attach_optimizer``. Each default does nothing.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[RouterConfig]] = RouterConfig
+
+    default_lr: ClassVar[float | None] = None
+    """The router's own learning rate when the user gives none (Poly/MHR: 0.1, the paper's rate);
+    None: the experts' rate."""
 
     def __init__(self, config: RouterConfig, d_in: int, num_experts: int):
         super().__init__()
@@ -56,11 +106,59 @@ class Router(nn.Module):
         self.d_in = d_in
         self.num_experts = num_experts
 
+    def check_layer(self, name: str, d_in: int, d_out: int) -> None:
+        """Raise `ConfigError` when this router cannot serve layer ``name`` (d_in -> d_out) (Poly/MHR:
+        the heads must divide both sizes)."""
+
+    def init_experts(self, experts: nn.Module) -> None:
+        """Re-initialise the layer's fresh `ExpertBank` the router's way (Poly/MHR: A per head);
+        the default keeps the bank's own initialisation."""
+
+    def bind_mixture(self, mixture: MixtureConfig) -> None:
+        """Learn the layer's mixture config (rank, LoRA scale) for gates that depend on them (remix's omega)."""
+
+    @classmethod
+    def attach_optimizer(cls, model: nn.Module, optimizer: Any) -> Any:
+        """Act on the training optimizer of a model holding routers of this class, once per class
+        (a stage that must leave some experts alone, say). Returns a handle with ``remove()``, or
+        None when there is nothing to undo."""
+        return None
+
     def extra_repr(self) -> str:
         return f"{self.name}, d_in={self.d_in}, experts={self.num_experts}"
 
 
 _REGISTRY: dict[str, type[Router]] = {}
+ENTRY_POINT_GROUP = "lomix.routers"
+_plugin_errors: dict[str, str] = {}
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every router plugin of the entry-point group ``lomix.routers`` (once per process).
+
+    A plugin that fails to import, or does not register the router it names, is remembered and
+    reported when that router is asked for; the other routers keep working.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in _REGISTRY:
+            continue
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plugin must not break the routers that work
+            _plugin_errors[entry.name] = f"the router plugin {entry.name!r} ({entry.value}) failed to load: {exc!r}"
+            continue
+        if entry.name not in _REGISTRY:
+            _plugin_errors[entry.name] = (
+                f"the router plugin {entry.name!r} ({entry.value}) registers no router of that name; its module "
+                f"must apply @register_router({entry.name!r}, ...)"
+            )
 
 
 def register_router(name: str, config_class: type[RouterConfig]):
@@ -79,10 +177,16 @@ def register_router(name: str, config_class: type[RouterConfig]):
 
 
 def available_routers() -> list[str]:
+    """The registered routers' names, installed plugins included."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def router_class(name: str) -> type[Router]:
+    if name not in _REGISTRY:
+        load_plugins()
+    if name in _plugin_errors:
+        raise ConfigError("router.name", _plugin_errors[name])
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):  # TypeError: an unhashable name from a config file (a list)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -116,6 +116,12 @@ class GliderRouterConfig(RouterConfig):
         default="error",
         metadata={"help": "a batch without task descriptions or embeddings: error, or route by the local gates alone"},
     )
+
+    def evaluation_changes(self, saved: RouterConfig, num_experts: int) -> dict[str, Any]:
+        """``lomix eval`` of a glider run: the run config's alpha and k (overridable) apply."""
+        if self.name != "glider" or saved.name != "glider":
+            return {}
+        return {"alpha": self.alpha, "k": min(self.k, num_experts)}
 
     def validate(self, num_experts: int) -> None:
         if not 1 <= self.k <= num_experts:

@@ -28,9 +28,10 @@ fbar_i is 1/E under uniform routing and 1 when one expert takes every token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError, RoutingError
 from ..routing import RoutingContext, TokenRouting
@@ -130,6 +131,13 @@ class LoRAMixerRouter(LinearGate):
     def __init__(self, config: LoRAMixerRouterConfig, d_in: int, num_experts: int):
         super().__init__(config, d_in, num_experts)
         self.register_buffer("used", torch.zeros(num_experts, dtype=torch.bool), persistent=False)
+
+    @classmethod
+    def attach_optimizer(cls, model: nn.Module, optimizer: Any) -> Any:
+        """The hard stage: expert j moves only on batches of domain j (`lomix.loramixer.freeze_unrouted_experts`)."""
+        from ..loramixer import freeze_unrouted_experts  # the method's helpers import this module
+
+        return freeze_unrouted_experts(model, optimizer)
 
     def forward(self, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
         if self.config.stage == "hard":

@@ -75,6 +75,10 @@ class PolyRouterConfig(RouterConfig):
     def rows(self) -> int:
         return self.n_tasks or len(self.tasks)
 
+    @property
+    def task_rows(self) -> list[str]:
+        return list(self.tasks)
+
     def validate(self, num_experts: int) -> None:
         if self.n_tasks < 0:
             raise ConfigError("router.n_tasks", f"must be >= 0, got {self.n_tasks}")

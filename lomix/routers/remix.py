@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -92,6 +92,10 @@ class RemixRouterConfig(RouterConfig):
             raise ConfigError("router.omega_alpha", f"must be > 0, got {self.omega_alpha}")
         if self.init_std < 0:
             raise ConfigError("router.init_std", f"must be >= 0, got {self.init_std}")
+
+    def mixture_defaults(self) -> dict[str, Any]:
+        """No Switch loss unless the user sets one (which `validate_mixture` then refuses)."""
+        return {"balance": {"switch": 0.0}}
 
     def validate_mixture(self, mixture: MixtureConfig) -> None:
         """ReMix has no balance loss: the Switch loss would train the router through its sampled

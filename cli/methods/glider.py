@@ -10,7 +10,9 @@ import typer
 
 from lomix.errors import LomixError
 
-from .commands import fail
+from ..commands import fail
+
+RECIPES = ("glider",)  # recipe scripts this method ships (`lomix recipes ls`)
 
 app = typer.Typer(no_args_is_help=True, help="Expert libraries for GLIDER: add trained runs or PEFT LoRAs, list them.")
 
@@ -35,8 +37,8 @@ def add(
 ) -> None:
     """Train each run's PHATGOOSE gates on its own training data (expert frozen) and add it to LIBRARY."""
     from lomix.library import Library
-    from lomix.recipes.config import LibraryConfig
     from lomix.recipes.glider import add_run
+    from lomix.recipes.method_config import LibraryConfig
 
     try:
         if description and len(runs) > 1:
@@ -116,3 +118,8 @@ def glider(
         run(load_config(config, overrides or []))
     except LomixError as exc:
         raise fail(exc) from None
+
+
+def register(root: typer.Typer) -> None:
+    root.command("glider")(glider)
+    root.add_typer(app, name="library")

@@ -1,0 +1,40 @@
+"""``lomix loramixer``: a thin typed front over lomix.recipes.loramixer (LoRA-Mixer's stages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lomix.errors import LomixError
+
+from ..commands import fail
+
+RECIPES = ("loramixer",)  # recipe scripts this method ships (`lomix recipes ls`)
+
+
+def loramixer(
+    config: Path = typer.Argument(..., help="A config with the loramixer router (recipes/configs/loramixer.yaml)."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted key=value overrides: loramixer.hard_steps=20 router.k=2 loramixer.adapters='[./a, ./b]'."
+    ),
+) -> None:
+    """LoRA-Mixer: hard (label-routed experts) then soft (router) stage; sparse top-K at inference.
+
+    With loramixer.adapters (PEFT LoRA folders or hub ids) the experts are those adapters, frozen,
+    and only the router trains (plug-and-play). Config fields: `lomix train --help`.
+
+    Writes OUTPUT_DIR/hard/ and OUTPUT_DIR/soft/ (each a finetune run folder; soft/mixture is the
+    result) and OUTPUT_DIR/loramixer.json.
+    """
+    from lomix.recipes import loramixer as recipe
+    from lomix.recipes.config import load_config
+
+    try:
+        recipe.run(load_config(config, overrides or []))
+    except LomixError as exc:
+        raise fail(exc) from None
+
+
+def register(root: typer.Typer) -> None:
+    root.command("loramixer")(loramixer)

@@ -1,0 +1,198 @@
+"""The repository's structure: the router contract is written down (no optional hook is probed
+with getattr), and the recipes form a tree (support modules never import a recipe script; no cycle)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import torch
+
+import lomix
+from lomix.routers import Router, RouterConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_FOLDERS = ("lomix", "recipes", "cli", "adapters_hub")
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+def test_no_router_hook_is_probed_with_getattr():
+    probe = re.compile(r"getattr\(.*router")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in _python_files(*CODE_FOLDERS)
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if probe.search(line)
+    ]
+    assert found == []
+
+
+def test_the_contract_hooks_have_no_op_defaults():
+    """A router that overrides nothing but forward builds in a layer and changes nothing else."""
+
+    class Plain(Router):
+        def forward(self, x, context):  # pragma: no cover - never called here
+            raise AssertionError
+
+    config = RouterConfig()
+    assert config.estimator is None and config.needs_whole_sequences is False
+    assert config.mixture_defaults() == {}
+    mixture = lomix.MixtureConfig(num_experts=2)
+    assert config.validate_mixture(mixture) is None
+    router = Plain(config, d_in=4, num_experts=2)
+    assert router.default_lr is None
+    bank = lomix.ExpertBank(2, 2, 4, 3)
+    before = bank.A.detach().clone()
+    router.check_layer("layer", 4, 3)
+    router.init_experts(bank)
+    router.bind_mixture(mixture)
+    assert torch.equal(bank.A, before)
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes/ as a tree
+
+SUPPORT = {
+    "assets",
+    "bigbench",
+    "config",
+    "data",
+    "evaluation",
+    "losses",
+    "method_config",
+    "quantization",
+    "runs",
+}
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _recipe_imports(tree: ast.AST) -> set[str]:
+    """Names of lomix.recipes modules imported anywhere in ``tree`` (in functions too), except
+    under ``if TYPE_CHECKING:``."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _type_checking_only(node):
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[2] for a in node.names if a.name.startswith("lomix.recipes."))
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "lomix.recipes":
+                found.update(a.name for a in node.names)
+            elif node.module.startswith("lomix.recipes."):
+                found.add(node.module.split(".")[2])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def recipes_import_graph() -> dict[str, set[str]]:
+    """module -> the recipes modules it imports (every .py directly under recipes/)."""
+    modules = {p.stem: p for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init__"}
+    return {name: _recipe_imports(ast.parse(path.read_text())) - {name} for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_recipes_import_graph_has_no_cycle():
+    graph = recipes_import_graph()
+    assert {"config", "finetune", "evaluation"} <= set(graph)
+    assert _cycle(graph) is None
+
+
+def test_support_modules_never_import_a_recipe_script():
+    graph = recipes_import_graph()
+    assert SUPPORT <= set(graph)
+    wrong = {module: sorted(imports - SUPPORT) for module, imports in graph.items() if module in SUPPORT}
+    assert {m: i for m, i in wrong.items() if i} == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# `lomix --help` imports neither torch nor the recipes
+
+
+def test_the_cli_and_the_package_import_without_torch():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, lomix.cli; from lomix.cli.app import app; import typer.main; typer.main.get_command(app); "
+        "print(sorted(m for m in ('torch', 'transformers', 'lomix.recipes.config') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    # ... and the names of the package still resolve, to what they always were
+    assert lomix.inject is lomix.inject_frozen_experts.__globals__["inject"]
+    assert lomix.MixtureConfig.__module__ == "lomix.config" and callable(lomix.disabled)
+    assert set(lomix.__all__) <= set(dir(lomix))
+    probe = "import lomix; print(lomix.mhr.__name__, lomix.checkpoint.read_config.__module__, hasattr(lomix, 'nope'))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["lomix.mhr", "lomix.checkpoint", "False"]  # submodules resolve on use
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic code names no method: the methods reach it through the router contract and registries
+
+GENERIC_FILES = (
+    "lomix/layer.py",
+    "lomix/inject.py",
+    "lomix/params.py",
+    "lomix/config.py",
+    "recipes/finetune.py",
+    "recipes/evaluation.py",
+    "recipes/config.py",
+    *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "cli").glob("*.py"))),
+)
+METHOD_NAME = re.compile(r"\b(remix|rloo|loramixer|glider|phatgoose|mhr|poly|arrow)\b", re.IGNORECASE)
+
+
+def method_names(path: Path) -> list[str]:
+    """Lines of ``path`` (comment lines aside) that name a routing method."""
+    return [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if not line.lstrip().startswith("#") and METHOD_NAME.search(line)
+    ]
+
+
+def test_the_method_name_probe_sees_a_method_name():
+    probe = ROOT / "tests" / "test_structure.py"
+    assert any("remix|rloo" in line for line in method_names(probe))
+
+
+def test_generic_files_name_no_method():
+    assert [hit for name in GENERIC_FILES for hit in method_names(ROOT / name)] == []
