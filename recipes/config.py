@@ -587,9 +587,9 @@ def build_config(data: dict[str, Any], replaceable: set[str] = frozenset()) -> F
     """
     data = dict(data)
     sections = sorted([f.name for f in dataclasses.fields(FinetuneConfig)] + ["router"])
-    unknown = sorted(set(data) - set(sections))
+    unknown = sorted(set(data) - set(sections), key=repr)  # YAML keys may be numbers or null too
     if unknown:
-        raise ConfigError(unknown[0], f"unknown key; valid keys here are: {', '.join(sections)}")
+        raise ConfigError(str(unknown[0]), f"unknown key; valid keys here are: {', '.join(sections)}")
     mixture = data.pop("mixture", None) or {}
     router = data.pop("router", None)
     if not isinstance(mixture, dict):

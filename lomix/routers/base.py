@@ -183,13 +183,17 @@ def available_routers() -> list[str]:
 
 
 def router_class(name: str) -> type[Router]:
+    if not isinstance(name, str):  # a list or mapping from a config file: no lookup can take it
+        raise ConfigError(
+            "router.name", f"expected a router name, got {name!r}; available: {', '.join(available_routers())}"
+        )
     if name not in _REGISTRY:
         load_plugins()
     if name in _plugin_errors:
         raise ConfigError("router.name", _plugin_errors[name])
     try:
         return _REGISTRY[name]
-    except (KeyError, TypeError):  # TypeError: an unhashable name from a config file (a list)
+    except KeyError:
         raise ConfigError(
             "router.name", f"unknown router {name!r}; available: {', '.join(available_routers())}"
         ) from None
