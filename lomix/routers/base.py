@@ -56,6 +56,12 @@ class Router(nn.Module):
         self.d_in = d_in
         self.num_experts = num_experts
 
+    def softmax_topk_rule(self):
+        """A `lomix.kernels.fused.SoftmaxTopK` when this router's decision right now is a linear
+        softmax top-k that the fused GPU kernel may compute itself, else None (the default: the
+        layer calls ``forward``)."""
+        return None
+
     def extra_repr(self) -> str:
         return f"{self.name}, d_in={self.d_in}, experts={self.num_experts}"
 
