@@ -101,5 +101,7 @@ def fused_layer_forward(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         kernels._triton_broken = f"{type(exc).__name__}: {exc}"
         _warn_once(f"lomix: the fused Triton kernels failed ({kernels._triton_broken}); using the torch backend")
         return None
-    routing = TokenRouting(indices=indices, gates=gates, probs=logits.softmax(-1), logits=logits)
+    # The full distribution feeds the balance loss and statistics only: no extra launch in inference.
+    probs = logits.softmax(-1) if layer.training or layer.record_routing else None
+    routing = TokenRouting(indices=indices, gates=gates, probs=probs, logits=logits)
     return y.view(*x.shape[:-1], y.shape[-1]), routing

@@ -134,9 +134,11 @@ class FusedMixtureLinear(torch.autograd.Function):
         columns = num_experts * rank
         save_h = any(ctx.needs_input_grad[:6])
         logits, indices, gates, h, z = router_shrink(x, router_weight, A, k, renormalize, scale, save_h, tuning)
+        # B as B_cat^T (E*r, d_out) in x's dtype: a small copy whose rows the GEMM reads coalesced
+        b_cat = _cat_b(B, x.dtype)
         y = extended_gemm(
             x, weight, (weight.stride(1), weight.stride(0)), weight.shape[0],
-            [(z, B, columns, rank, (B.stride(0), B.stride(2), B.stride(1)))], bias, tuning,
+            [(z, b_cat, columns, 1, (b_cat.stride(0), 0, b_cat.stride(1)))], bias, tuning,
         )  # fmt: skip
         ctx.mark_non_differentiable(indices, gates)
         ctx.save_for_backward(x, weight, router_weight, A, B, h if save_h else None, logits, indices, gates)

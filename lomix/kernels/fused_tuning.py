@@ -61,7 +61,7 @@ class FusedTuning:
     decode_gemm: GemmTiles = field(
         default_factory=lambda: GemmTiles(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
     )
-    shrink: ShrinkTiles = field(default_factory=ShrinkTiles)
+    shrink: ShrinkTiles = field(default_factory=lambda: ShrinkTiles(num_warps=8))
     decode_shrink: ShrinkTiles = field(
         default_factory=lambda: ShrinkTiles(block_m=16, block_k=128, num_warps=4, num_stages=3)
     )
@@ -144,10 +144,19 @@ def tuning_path(device: torch.device) -> Path | None:
     return path if path.is_file() else None
 
 
+_by_device: dict[tuple[str, str], FusedTuning] = {}
+
+
 def tuning_for(device: torch.device) -> FusedTuning:
-    path = tuning_path(device)
-    return FusedTuning() if path is None else _load(str(path))
+    """The tuning of ``device``, looked up once per device (layers call this on every forward)."""
+    key = (str(device), os.environ.get("LOMIX_KERNEL_TUNING", ""))
+    if key not in _by_device:
+        path = tuning_path(device)
+        _by_device[key] = FusedTuning() if path is None else _load(str(path))
+    return _by_device[key]
 
 
 def clear_cache() -> None:
+    """Forget loaded files (after writing a new one in the same process)."""
     _load.cache_clear()
+    _by_device.clear()
