@@ -52,9 +52,10 @@ def problem(tokens, d_in, d_out, experts, rank, bias=True, dtype=torch.float32, 
 
 
 def reference(p, k, renormalize, scale):
-    """The unfused computation in fp32: base linear, softmax top-k router, dense-masked mixture."""
+    """The unfused computation in fp32: base linear, softmax top-k router, dense-masked mixture.
+    Like `LinearGate`, the router weight is rounded to x's dtype for half-precision inputs."""
     x = p["x"].float()
-    logits = x @ p["router"].t()
+    logits = x @ p["router"].to(p["x"].dtype).float().t()
     probs = logits.softmax(-1)
     gates, indices = probs.topk(k, dim=-1)
     if renormalize:
@@ -257,6 +258,29 @@ def test_a_bitsandbytes_base_falls_back_and_still_runs():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_failing_fused_kernel_falls_back_once_and_keeps_the_mixture_kernels(monkeypatch):
+    import lomix.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setattr(fused, "_fused_broken", None)
+
+    def broken(*args):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(fused_backend, "fused_mixture_linear", broken)
+    layer = make_layer("triton")
+    layer.record_routing = True
+    x = torch.randn(3, 24, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="out of resources"):
+        y = layer(x)
+    assert fused._fused_broken is not None and kernels._triton_broken is None
+    assert fused.fused_rule(layer, x) is None  # off for the rest of the process
+    routing = layer.last_routing
+    A, B = layer.experts.A, layer.experts.B
+    expected = layer.base_layer(x) + mixture_lora_dense(x, A, B, routing.indices, routing.gates, layer.scale)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # per-GPU tuning files
 
@@ -291,3 +315,24 @@ def test_tuning_file_overrides_defaults_and_names_the_file_on_errors(tmp_path, m
 def test_gpu_slug_names_the_file():
     assert fused_tuning.gpu_slug("NVIDIA H200") == "nvidia_h200"
     assert fused_tuning.gpu_slug("NVIDIA GeForce RTX 4090 (24GB)") == "nvidia_geforce_rtx_4090_24gb"
+
+
+@pytest.mark.slow
+def test_autotune_script_writes_a_tuning_file_the_layer_reads(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "autotune_fused.py"
+    out = tmp_path / "tuning.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.setenv("LOMIX_KERNEL_TUNING", str(out))
+    fused_tuning.clear_cache()
+    tuning = fused_tuning.tuning_for(torch.device("cpu"))
+    assert tuning.gpu == "cpu-smoke"
+    sweeps = {json.loads(line)["sweep"] for line in result.stdout.splitlines() if line.startswith('{"sweep"')}
+    assert sweeps == {"gemm", "decode_gemm", "shrink", "decode_shrink", "max_columns"}
+    fused_tuning.clear_cache()

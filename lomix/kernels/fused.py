@@ -26,6 +26,10 @@ from torch import nn
 from ..routing import TokenRouting
 from .fused_tuning import tuning_for
 
+# Set when the fused kernels failed to compile or run here: the fused path stays off for the
+# process, the (separately checked) mixture kernels stay on.
+_fused_broken: str | None = None
+
 
 @dataclass(frozen=True)
 class SoftmaxTopK:
@@ -48,7 +52,9 @@ def fused_rule(layer: nn.Module, x: torch.Tensor) -> SoftmaxTopK | None:
     """The router rule when ``layer`` (a `MixtureLinear`) may run fused on ``x``, else None."""
     from . import _triton_module, resolve_backend
 
-    if os.environ.get("LOMIX_FUSED", "").strip() == "0" or x.dim() < 2 or not x.dtype.is_floating_point:
+    if _fused_broken is not None or os.environ.get("LOMIX_FUSED", "").strip() == "0":
+        return None
+    if x.dim() < 2 or not x.dtype.is_floating_point:
         return None
     if layer.expert_map is not None or layer.residual is not None:
         return None
@@ -73,6 +79,7 @@ def fused_rule(layer: nn.Module, x: torch.Tensor) -> SoftmaxTopK | None:
 def fused_layer_forward(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, TokenRouting] | None:
     """(output (..., d_out), routing) of a `MixtureLinear` computed by the fused kernels, or None
     when the layer does not qualify (the caller then runs its usual path)."""
+    global _fused_broken
     from . import _warn_once
 
     rule = fused_rule(layer, x)
@@ -95,11 +102,9 @@ def fused_layer_forward(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         )
     except (ValueError, TypeError):
         raise
-    except Exception as exc:  # a broken compiler or driver: never wrong results, run the usual path
-        from .. import kernels
-
-        kernels._triton_broken = f"{type(exc).__name__}: {exc}"
-        _warn_once(f"lomix: the fused Triton kernels failed ({kernels._triton_broken}); using the torch backend")
+    except Exception as exc:  # a compiler or driver failure: never wrong results, run the usual path
+        _fused_broken = f"{type(exc).__name__}: {exc}"
+        _warn_once(f"lomix: the fused Triton kernels failed ({_fused_broken}); using the unfused kernels from now on")
         return None
     # The full distribution feeds the balance loss and statistics only: no extra launch in inference.
     probs = logits.softmax(-1) if layer.training or layer.record_routing else None

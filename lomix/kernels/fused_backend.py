@@ -37,6 +37,16 @@ def _gemm_tiles(tokens: int, tuning: FusedTuning) -> GemmTiles:
     return tuning.decode_gemm if tokens <= tuning.decode_tokens else tuning.gemm
 
 
+def _fit_stages(stages: int, stage_bytes: int, device: torch.device) -> int:
+    """Pipeline depth that fits the device's shared memory (a tile set per stage): a tuning file
+    written for bf16 must not fail to compile for fp32 inputs or on a smaller GPU."""
+    if device.type != "cuda":
+        return stages
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or 96 * 1024
+    return max(1, min(stages, (limit - 4096) // stage_bytes))
+
+
 def router_shrink(
     x: torch.Tensor,
     router_weight: torch.Tensor,
@@ -61,6 +71,8 @@ def router_shrink(
     gates = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
     z = torch.empty(tokens, columns, dtype=x.dtype, device=x.device)
     h = torch.empty_like(z) if save_h else z
+    stage_bytes = block_k * (block_m + _pow2(num_experts) + _pow2(columns)) * x.element_size()
+    stages = _fit_stages(tiles.num_stages, stage_bytes, x.device)
     fused_kernels.router_shrink[(triton.cdiv(tokens, block_m),)](
         x, router_weight, A, logits, h, z, indices, gates,
         tokens, d_in, num_experts, columns, rank, scale,
@@ -68,7 +80,7 @@ def router_shrink(
         A.stride(0), A.stride(1), A.stride(2),
         BLOCK_M=block_m, BLOCK_K=block_k, E_POW2=_pow2(num_experts), ER_POW2=_pow2(columns),
         K_SLOTS=k, K_POW2=triton.next_power_of_2(k), RENORMALIZE=renormalize, SAVE_H=save_h,
-        DOT_DTYPE=_dot_dtype(x.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        DOT_DTYPE=_dot_dtype(x.dtype), num_warps=tiles.num_warps, num_stages=stages,
     )  # fmt: skip
     return logits, indices, gates, h, z
 
@@ -100,6 +112,7 @@ def extended_gemm(
     padded = list(segments) + [(p1, q1, 0, 1, (0, 0, 0))] * (2 - len(segments))
     (p2, q2, k2, r2, s2), (p3, q3, k3, r3, s3) = padded
     grid = (triton.cdiv(tokens, block_m) * triton.cdiv(n, block_n),)
+    element = max(t.element_size() for t in (p1, q1, *(seg[0] for seg in segments), *(seg[1] for seg in segments)))
     fused_kernels.extended_gemm[grid](
         out, bias if bias is not None else out, p1, q1, p2, q2, p3, q3,
         tokens, n, k1, k2, r2, k3, r3,
@@ -109,7 +122,8 @@ def extended_gemm(
         p3.stride(0), p3.stride(1), *s3,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=tiles.group_m,
         HAS_SEGMENT_2=len(segments) >= 1, HAS_SEGMENT_3=len(segments) >= 2, HAS_BIAS=bias is not None,
-        DOT_DTYPE=_dot_dtype(p1.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        DOT_DTYPE=_dot_dtype(p1.dtype), num_warps=tiles.num_warps,
+        num_stages=_fit_stages(tiles.num_stages, block_k * (block_m + block_n) * element, p1.device),
     )  # fmt: skip
     return out
 
@@ -129,11 +143,14 @@ def softmax_topk_backward(
 
 class FusedMixtureLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, router_weight, A, B, scale, k, renormalize, tuning):
+    def forward(ctx, x, weight, bias, router_weight, A, B, scale, k, renormalize, tuning, save_h):
         num_experts, rank, _ = A.shape
         columns = num_experts * rank
-        save_h = any(ctx.needs_input_grad[:6])
-        logits, indices, gates, h, z = router_shrink(x, router_weight, A, k, renormalize, scale, save_h, tuning)
+        # The small operands in x's dtype (a copy of E*(r+1) rows when the experts are fp32 over a
+        # half-precision base): half the bytes in shared memory, the router's own rule for half
+        # inputs (LinearGate casts its weight to x's dtype), the same tensor-core dots.
+        a_c, router_c = A.to(x.dtype), router_weight.to(x.dtype)
+        logits, indices, gates, h, z = router_shrink(x, router_c, a_c, k, renormalize, scale, save_h, tuning)
         # B as B_cat^T (E*r, d_out) in x's dtype: a small copy whose rows the GEMM reads coalesced
         b_cat = _cat_b(B, x.dtype)
         y = extended_gemm(
@@ -141,8 +158,9 @@ class FusedMixtureLinear(torch.autograd.Function):
             [(z, b_cat, columns, 1, (b_cat.stride(0), 0, b_cat.stride(1)))], bias, tuning,
         )  # fmt: skip
         ctx.mark_non_differentiable(indices, gates)
-        ctx.save_for_backward(x, weight, router_weight, A, B, h if save_h else None, logits, indices, gates)
-        ctx.scale, ctx.renormalize, ctx.tuning, ctx.has_bias = scale, renormalize, tuning, bias is not None
+        ctx.save_for_backward(x, weight, router_c, a_c, B, h if save_h else None, logits, indices, gates)
+        ctx.scale, ctx.renormalize, ctx.tuning = scale, renormalize, tuning
+        ctx.router_dtype, ctx.a_dtype = router_weight.dtype, A.dtype
         return y, logits, indices, gates
 
     @staticmethod
@@ -172,7 +190,7 @@ class FusedMixtureLinear(torch.autograd.Function):
                 dy, weight, (weight.stride(0), weight.stride(1)), d_in,
                 [
                     (d_h, A, columns, rank, (A.stride(0), A.stride(1), A.stride(2))),
-                    (d_logits_total, router_weight, num_experts, 1, router_strides),
+                    (d_logits_total.to(dy.dtype), router_weight, num_experts, 1, router_strides),
                 ],
                 None, ctx.tuning,
             )  # fmt: skip
@@ -181,12 +199,12 @@ class FusedMixtureLinear(torch.autograd.Function):
         if need_bias:
             d_bias = dy.sum(0).to(weight.dtype)
         if need_router:
-            d_router = (d_logits_total.to(x.dtype).t() @ x).to(router_weight.dtype)
+            d_router = (d_logits_total.to(x.dtype).t() @ x).to(ctx.router_dtype)
         if need_a:
-            d_a = (d_h.t() @ x).view(num_experts, rank, d_in).to(A.dtype)
+            d_a = (d_h.t() @ x).view(num_experts, rank, d_in).to(ctx.a_dtype)
         if need_b:
             d_b = (z.t() @ dy).view(num_experts, rank, -1).transpose(1, 2).to(B.dtype)
-        return dx, d_w, d_bias, d_router, d_a, d_b, None, None, None, None
+        return dx, d_w, d_bias, d_router, d_a, d_b, None, None, None, None, None
 
 
 def fused_mixture_linear(
@@ -204,6 +222,7 @@ def fused_mixture_linear(
     """x (T, d_in), W (d_out, d_in), b (d_out) or None, W_r (E, d_in), A (E, r, d_in), B (E, d_out, r)
     -> y (T, d_out) in x's dtype, logits (T, E) fp32 (differentiable), indices (T, k), gates (T, k) fp32.
     """
-    return FusedMixtureLinear.apply(
-        x, weight, bias, router_weight, A, B, float(scale), int(k), bool(renormalize), tuning
-    )
+    tensors = (x, weight, bias, router_weight, A, B)
+    # h is kept for backward only when there will be one (not in inference, not under no_grad)
+    save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return FusedMixtureLinear.apply(*tensors, float(scale), int(k), bool(renormalize), tuning, save_h)

@@ -50,8 +50,8 @@ class ShrinkTiles:
 
 @dataclass
 class FusedTuning:
-    """What one GPU runs best. ``max_columns``: the largest E*r the fused path takes; above it the
-    layer keeps the separate router and the sorted (grouped) mixture kernels. ``decode_tokens``:
+    """What one GPU runs best. ``max_columns``: the largest E*r the fused path takes (0: none); above
+    it the layer keeps the separate router and the sorted (grouped) mixture kernels. ``decode_tokens``:
     up to this many tokens the ``decode_*`` tiles apply (small BLOCK_M, more column blocks)."""
 
     gpu: str = "defaults"
@@ -110,6 +110,8 @@ def tuning_from_dict(data: dict, path: Path) -> FusedTuning:
             for key, number in value.items():
                 check = _power_of_two if key.startswith("block") else _positive_int
                 setattr(tiles, key, check(number, f"{name}.{key}", path))
+        elif name == "max_columns":  # 0: this GPU never takes the fused path
+            setattr(tuning, name, 0 if value == 0 and not isinstance(value, bool) else _positive_int(value, name, path))
         else:
             setattr(tuning, name, _positive_int(value, name, path))
     return tuning
