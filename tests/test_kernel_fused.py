@@ -136,6 +136,25 @@ def test_half_precision_inputs_accumulate_in_fp32(dtype):
     assert_fused_matches(13, 40, 24, 8, 4, 2, dtype=dtype)
 
 
+def test_inference_reuses_converted_weights_until_they_change():
+    # fp16 inputs over fp32 experts: inference keeps the fp16 copies; an in-place update is seen.
+    p = problem(6, 24, 16, 4, 4, dtype=torch.float16)
+    args = lambda: (p["x"], p["weight"], p["bias"], p["router"], p["A"], p["B"], 1.0, 2, True, FusedTuning())  # noqa: E731
+    with torch.no_grad():
+        first = fused_backend.fused_mixture_linear(*args())[0]
+        assert p["A"]._lomix_fused_a_float16[1].dtype == torch.float16
+        kept = p["A"]._lomix_fused_a_float16[1]
+        again = fused_backend.fused_mixture_linear(*args())[0]
+        assert p["A"]._lomix_fused_a_float16[1] is kept
+        p["A"].mul_(3.0)
+        p["B"].mul_(-1.0)
+        updated = fused_backend.fused_mixture_linear(*args())[0]
+    torch.testing.assert_close(again, first)
+    expected = reference(p, 2, True, 1.0)[0]
+    torch.testing.assert_close(updated.float(), expected, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(updated, first, atol=1e-2)
+
+
 class _SyncOrDynamicShape(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the ops that read a device value on the host or give data-dependent shapes."""
 

@@ -141,6 +141,28 @@ def softmax_topk_backward(
     return probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
 
 
+def _converted(t: torch.Tensor, kind: str, convert, keep: bool) -> torch.Tensor:
+    """``convert(t)``; with ``keep`` (inference: no backward will follow) the copy stays on ``t``
+    while ``t`` is unchanged.
+
+    Inference reuses one copy per weight version (a decode step then reads E*r*(d_in + d_out)
+    half-precision values, not fp32 plus a conversion); an in-place update (an optimizer step,
+    loading weights) bumps the version and the next call converts again.
+    """
+    if not keep:
+        return convert(t)
+    key = (t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+    attribute = "_lomix_fused_" + kind.replace("torch.", "")
+    cached = getattr(t, attribute, None)
+    if cached is None or cached[0] != key:
+        converted = convert(t)
+        if converted is t:  # already in the compute layout: nothing to keep
+            return t
+        cached = (key, converted)
+        setattr(t, attribute, cached)
+    return cached[1]
+
+
 class FusedMixtureLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, router_weight, A, B, scale, k, renormalize, tuning, save_h):
@@ -149,10 +171,12 @@ class FusedMixtureLinear(torch.autograd.Function):
         # The small operands in x's dtype (a copy of E*(r+1) rows when the experts are fp32 over a
         # half-precision base): half the bytes in shared memory, the router's own rule for half
         # inputs (LinearGate casts its weight to x's dtype), the same tensor-core dots.
-        a_c, router_c = A.to(x.dtype), router_weight.to(x.dtype)
+        dtype, keep = x.dtype, not save_h
+        a_c = _converted(A, f"a_{dtype}", lambda t: t.to(dtype), keep)
+        router_c = _converted(router_weight, f"router_{dtype}", lambda t: t.to(dtype), keep)
         logits, indices, gates, h, z = router_shrink(x, router_c, a_c, k, renormalize, scale, save_h, tuning)
         # B as B_cat^T (E*r, d_out) in x's dtype: a small copy whose rows the GEMM reads coalesced
-        b_cat = _cat_b(B, x.dtype)
+        b_cat = _converted(B, f"b_cat_{dtype}", lambda t: _cat_b(t, dtype), keep)
         y = extended_gemm(
             x, weight, (weight.stride(1), weight.stride(0)), weight.shape[0],
             [(z, b_cat, columns, 1, (b_cat.stride(0), 0, b_cat.stride(1)))], bias, tuning,
