@@ -254,6 +254,8 @@ def test_layers_that_do_not_qualify_keep_todays_path(monkeypatch, tmp_path):
     hooked.register_forward_hook(lambda *a: None)
     assert fused.fused_rule(make_layer("triton", base=hooked), x) is None
     assert fused.fused_rule(make_layer("triton"), x.double()) is None  # base weight in another dtype
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        assert fused.fused_rule(make_layer("triton"), x) is None  # autocast chooses the GEMM's dtype
     # wider than the GPU's measured threshold: the sorted (grouped) kernels
     tuning = tmp_path / "t.json"
     tuning.write_text(json.dumps({"gpu": "test", "max_columns": 8}))

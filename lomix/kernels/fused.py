@@ -6,8 +6,9 @@ these hold; otherwise it runs today's path (base layer, router, `mixture_lora`) 
 
 - the layer's kernel backend resolves to ``triton`` (``kernel: triton``, or ``auto`` on CUDA;
   ``LOMIX_KERNEL`` overrides) and ``LOMIX_FUSED`` is not ``0``;
-- the base layer is a plain dense ``torch.nn.Linear`` (not a subclass such as bitsandbytes'
-  4-bit/8-bit layers), without hooks, whose weight has x's dtype; the call has no extra arguments;
+- no autocast is active; the base layer is a plain dense ``torch.nn.Linear`` (not a subclass
+  such as bitsandbytes' 4-bit/8-bit layers), without hooks, whose weight has x's dtype; the call
+  has no extra arguments;
 - the router declares a linear softmax top-k rule (`Router.softmax_topk_rule`; jitter in training
   declines), there is no merged-expert map or sparse residual, and expert dropout is inactive;
 - E*r is at most the GPU's measured ``max_columns`` (fused_tuning.py): wider mixtures keep the
@@ -55,6 +56,8 @@ def fused_rule(layer: nn.Module, x: torch.Tensor) -> SoftmaxTopK | None:
     if _fused_broken is not None or os.environ.get("LOMIX_FUSED", "").strip() == "0":
         return None
     if x.dim() < 2 or not x.dtype.is_floating_point:
+        return None
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks the base GEMM's dtype per op
         return None
     if layer.expert_map is not None or layer.residual is not None:
         return None
