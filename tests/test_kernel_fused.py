@@ -181,6 +181,12 @@ def test_decode_step_has_no_host_sync_nor_data_dependent_shapes():
         )
         torch.autograd.grad(loss(p, y, logits), leaves(p))
     assert mode.seen == []
+    layer = make_layer("triton").eval()  # the whole layer's decode step, one token
+    token = torch.randn(1, 1, 24, device=DEVICE)
+    assert fused.fused_rule(layer, token) is not None
+    with torch.no_grad(), _SyncOrDynamicShape() as mode:
+        layer(token)
+    assert mode.seen == []
     with _SyncOrDynamicShape() as mode:  # the detector does see the sorted torch path's sync
         idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 3]], device=DEVICE)
         mixture_lora_sorted(p["x"].detach(), p["A"].detach(), p["B"].detach(), idx, torch.ones(4, 2), 1.0)
