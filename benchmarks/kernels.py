@@ -418,17 +418,33 @@ def main() -> None:
             del layer
             if not args.smoke:
                 torch.cuda.empty_cache()
-    lines = render(info, rows, notes, tile_sweep, impls, d, token_counts[-1])
-    if args.smoke:
+                # after every row: a run stopped by its time limit still leaves what it measured
+                write_results(Path(args.out_dir), info, rows, notes, tile_sweep, impls, d, token_counts, len(skews))
+    if args.smoke:  # the writer runs too, into a folder deleted afterwards
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            lines = write_results(Path(scratch), info, rows, notes, tile_sweep, impls, d, token_counts, len(skews))
         print("\n".join(lines))
         print(f"smoke run finished: {len(rows)} rows, notes: {notes}")
         return
-    out = Path(args.out_dir)
+    print(
+        "\n".join(write_results(Path(args.out_dir), info, rows, notes, tile_sweep, impls, d, token_counts, len(skews)))
+    )
+
+
+def write_results(out: Path, info, rows, notes, tile_sweep, impls, d, token_counts, n_skews) -> list[str]:
+    from lomix.kernels import fused
+
+    info["fused_broken"] = fused._fused_broken  # None unless the fused kernels failed here
+    lines = render(info, rows, notes, tile_sweep, impls, d, token_counts[-1])
+    if len(rows) < len(token_counts) * n_skews:
+        lines += ["", f"PARTIAL: {len(rows)} rows written so far (the run stopped or is still going)."]
     out.mkdir(parents=True, exist_ok=True)
     payload = {"info": info, "rows": rows, "notes": notes, "masked_tile_sweep": tile_sweep}
     (out / "kernels_gpu.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "kernels_gpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 # Issue 20's targets for the fused layer / base ratio: (T range, pass) -> (must reach, aim).

@@ -137,7 +137,8 @@ def main() -> None:
     }
     print(json.dumps(info), flush=True)
     rows = []
-    for name in ("base", "lomix_fused", "lomix_unfused", "peft_lora_r16"):
+    variants = ("base", "lomix_fused", "lomix_unfused", "peft_lora_r16")
+    for name in variants:
         os.environ["LOMIX_FUSED"] = "0" if name == "lomix_unfused" else "1"
         model = make_variant(base, name)
         row = {
@@ -150,7 +151,22 @@ def main() -> None:
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+        lines = render(info, rows, batch_shape, steps, prompt_len, new_tokens, len(variants))
+        if not args.smoke:  # after every variant: a run stopped by its time limit keeps what it measured
+            out = Path(args.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "model_gpu.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
+            (out / "model_gpu.md").write_text("\n".join(lines) + "\n")
     os.environ.pop("LOMIX_FUSED")
+    print("\n".join(lines))
+    if args.smoke:
+        print(f"smoke run finished: {len(rows)} variants")
+
+
+def render(info, rows, batch_shape, steps, prompt_len, new_tokens, n_variants) -> list[str]:
+    from lomix.kernels import fused
+
+    info["fused_broken"] = fused._fused_broken  # None unless the fused kernels failed on this machine
     floor = rows[0]
     lines = [
         f"# Llama-shaped {info['params'] / 1e9:.2f}B model (random weights) on {info['gpu']} (torch {info['torch']})",
@@ -158,7 +174,8 @@ def main() -> None:
         f"Training step: batch {batch_shape[0]} x {batch_shape[1]} tokens, median of {steps} steps. Greedy decode: "
         f"batch 1, {prompt_len}-token prompt, {new_tokens} new tokens, eager generate with the KV cache. "
         "lomix: top-2 of 8 experts, r=16, on all 7 projections of every block; PEFT LoRA r=16 on the same. "
-        f"lomix_fused takes the fused kernels: {info['fused_path_active']} (per the GPU's tuning file); "
+        f"lomix_fused takes the fused kernels: {info['fused_path_active'] and not info['fused_broken']} "
+        f"(per the GPU's tuning file; fused kernel failure: {info['fused_broken']}); "
         "lomix_unfused runs the same mixture with LOMIX_FUSED=0.",
         "",
         "| variant | train step (ms) | vs base | decode tokens/s | vs base |",
@@ -169,14 +186,9 @@ def main() -> None:
             f"| {row['variant']} | {row['train_step_ms']:.1f} | {row['train_step_ms'] / floor['train_step_ms']:.3f} "
             f"| {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / floor['decode_tokens_per_s']:.3f} |"
         )
-    print("\n".join(lines))
-    if args.smoke:
-        print(f"smoke run finished: {len(rows)} variants")
-        return
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model_gpu.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
-    (out / "model_gpu.md").write_text("\n".join(lines) + "\n")
+    if len(rows) < n_variants:
+        lines += ["", f"PARTIAL: {len(rows)} of {n_variants} variants so far."]
+    return lines
 
 
 if __name__ == "__main__":
