@@ -189,7 +189,9 @@ def test_decode_step_has_no_host_sync_nor_data_dependent_shapes():
     assert mode.seen == []
     with _SyncOrDynamicShape() as mode:  # the detector does see the sorted torch path's sync
         idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 3]], device=DEVICE)
-        mixture_lora_sorted(p["x"].detach(), p["A"].detach(), p["B"].detach(), idx, torch.ones(4, 2), 1.0)
+        mixture_lora_sorted(
+            p["x"].detach(), p["A"].detach(), p["B"].detach(), idx, torch.ones(4, 2, device=DEVICE), 1.0
+        )
     assert mode.seen
 
 
