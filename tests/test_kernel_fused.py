@@ -117,6 +117,21 @@ def test_fused_forward_and_gradients_match_reference(tokens, d_in, d_out, expert
     assert_fused_matches(tokens, d_in, d_out, experts, rank, k, renormalize, bias)
 
 
+def test_frozen_experts_and_base_train_only_the_router():
+    # Plug-and-play mixtures: the experts and the base are frozen, the router and x get gradients.
+    p = problem(9, 24, 20, 8, 4)
+    for name in ("weight", "bias", "A", "B"):
+        p[name].requires_grad_(False)
+    y, logits, _, _ = fused_backend.fused_mixture_linear(
+        p["x"], p["weight"], p["bias"], p["router"], p["A"], p["B"], 1.3, 2, True, FusedTuning()
+    )
+    ry, rlogits, _, _ = reference(p, 2, True, 1.3)
+    ours = torch.autograd.grad(loss(p, y, logits), (p["x"], p["router"]))
+    ref = torch.autograd.grad(loss(p, ry, rlogits), (p["x"], p["router"]))
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
 def test_all_tokens_on_one_expert():
     indices = assert_fused_matches(13, 24, 16, 8, 4, 2, hot_expert=3)
     assert (indices[:, 0] == 3).all()

@@ -208,13 +208,16 @@ class FusedMixtureLinear(torch.autograd.Function):
         if d_logits is not None:
             d_logits_total = d_logits_total + d_logits
         dx = d_w = d_bias = d_router = d_a = d_b = None
+        # [dh | dlogits] side by side (T, E*r + E): one pass over x gives dA and dW_r together
+        joint = torch.cat([d_h, d_logits_total.to(dy.dtype)], dim=1)
+        d_h, d_l = joint[:, :columns], joint[:, columns:]
         if need_x:
             router_strides = (router_weight.stride(0), 0, router_weight.stride(1))
             dx = extended_gemm(
                 dy, weight, (weight.stride(0), weight.stride(1)), d_in,
                 [
                     (d_h, A, columns, rank, (A.stride(0), A.stride(1), A.stride(2))),
-                    (d_logits_total.to(dy.dtype), router_weight, num_experts, 1, router_strides),
+                    (d_l, router_weight, num_experts, 1, router_strides),
                 ],
                 None, ctx.tuning,
             )  # fmt: skip
@@ -222,10 +225,14 @@ class FusedMixtureLinear(torch.autograd.Function):
             d_w = (dy.t() @ x).to(weight.dtype)
         if need_bias:
             d_bias = dy.sum(0).to(weight.dtype)
-        if need_router:
-            d_router = (d_logits_total.to(x.dtype).t() @ x).to(ctx.router_dtype)
-        if need_a:
+        if need_a and need_router:
+            both = joint.t() @ x  # (E*r + E, d_in)
+            d_a = both[:columns].view(num_experts, rank, d_in).to(ctx.a_dtype)
+            d_router = both[columns:].to(ctx.router_dtype)
+        elif need_a:
             d_a = (d_h.t() @ x).view(num_experts, rank, d_in).to(ctx.a_dtype)
+        elif need_router:
+            d_router = (d_l.t() @ x).to(ctx.router_dtype)
         if need_b:
             d_b = (z.t() @ dy).view(num_experts, rank, -1).transpose(1, 2).to(B.dtype)
         return dx, d_w, d_bias, d_router, d_a, d_b, None, None, None, None, None
