@@ -12,7 +12,7 @@ Backward from dy (and dlogits when a balance loss reads the logits):
     dgates, dh = s g dz, z = s g h          one Triton pass (masked_grad_prep of the masked strategy)
     dlogits through renormalisation and softmax (T x E, small)
     dx     = [dy | dh | dlogits] @ [W ; A_cat ; W_r]  ONE GEMM over K = d_out + E*r + E
-    dA = dh^T x,  dB = dy^T z,  dW_r = dlogits^T x,  (dW = dy^T x, db = sum dy when they train)
+    [dA ; dW_r] = [dh | dlogits]^T x (one GEMM),  dB = z^T dy,  (dW = dy^T x, db = sum dy when they train)
 
 Saved for backward: x and W (the base layer saves them too), h (T*E*r), the logits, indices and
 gates (T*E + 2*T*k): no (T, k, r) copies, nothing else of size T x d. No host synchronisation and
