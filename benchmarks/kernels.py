@@ -1,7 +1,14 @@
-"""GPU benchmark of the mixture layer: Triton kernels vs the torch backends, a per-expert loop
-and PEFT's X-LoRA layer, as ratios to the frozen base F.linear of the same shape.
+"""GPU benchmark of the mixture layer: the fused Triton layer (router + shrink in one launch, expand
+inside the base GEMM), the Triton and torch mixture kernels, a per-expert loop, PEFT's LoRA and
+X-LoRA layers, as ratios to the frozen base F.linear (cuBLAS) of the same shape.
 
-    python benchmarks/kernels.py [--quick] [--out-dir benchmarks/results]
+    python benchmarks/kernels.py [--quick] [--skip-masked-sweep] [--out-dir benchmarks/results]
+
+The fused rows time the whole layer (base GEMM, router, experts) with the router's own selection:
+their work does not depend on which experts are selected (every expert's shrink and expand runs,
+masked), so the skew column does not change what they compute. "Triton GEMM base" is the fused
+kernel's GEMM without the mixture, to compare the Triton GEMM itself with cuBLAS. Tiles come from
+the tuning file of the GPU (lomix/kernels/tuning/, or LOMIX_KERNEL_TUNING; defaults otherwise).
 
 Protocol (PERFORMANCE.md): triton.testing.do_bench medians (warm-up 25 ms, 100 ms of repeats),
 do_bench_cudagraph for the forward at T <= 64, the base F.linear timed in the same run, routing
@@ -37,7 +44,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
-from lomix.kernels import torch_backend, triton_backend  # noqa: E402
+from lomix.kernels import fused_backend, torch_backend, triton_backend  # noqa: E402
+from lomix.kernels.fused_tuning import tuning_for  # noqa: E402
 
 DEVICE = "cpu" if SMOKE else "cuda"
 
@@ -69,7 +77,8 @@ class Layer:
         self.indices = skewed_indices(tokens, experts, k, skew, g).to(device)
         self.grad = torch.randn(tokens, d, generator=g).to(device, dtype)
         self.k, self.scale, self.experts, self.rank = k, 2.0, experts, rank
-        self.xlora = None
+        self.xlora = self.peft_layer = None
+        self.tuning = tuning_for(torch.device(device))
 
     def route(self, x):
         probs = F.linear(x, self.router).float().softmax(-1)
@@ -91,6 +100,34 @@ class Layer:
 
     def triton_sorted(self, x):
         return self._triton(x, "sorted")
+
+    def fused(self, x):
+        """The fused layer: base GEMM + softmax top-2 router + every expert, two launches."""
+        y, _, _, _ = fused_backend.fused_mixture_linear(
+            x, self.W, None, self.router, self.A, self.B, self.scale, self.k, True, self.tuning
+        )
+        return y
+
+    def triton_gemm_base(self, x):
+        """The fused kernel's GEMM with no mixture segment: the base GEMM alone, on Triton."""
+        w = self.W
+        return fused_backend.extended_gemm(x, w, (w.stride(1), w.stride(0)), w.shape[0], [], None, self.tuning)
+
+    def build_peft_lora(self):
+        """PEFT's own LoRA layer, one adapter of rank 16, over the same base weight."""
+        from peft import LoraConfig
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        d = self.W.shape[0]
+        base = torch.nn.Linear(d, d, bias=False, device=DEVICE, dtype=self.W.dtype)
+        base.weight.data.copy_(self.W)
+        base.requires_grad_(False)
+        config = LoraConfig(r=16, lora_alpha=32)
+        self.peft_layer = LoraLinear(base, adapter_name="default", config=config, r=16, lora_alpha=32)
+        self.peft_layer.to(device=DEVICE, dtype=self.W.dtype)
+
+    def peft_lora(self, x):
+        return self.peft_layer(x)
 
     def lora_r16(self, x):
         """One plain LoRA of rank 16 (PEFT's unfused computation), the cost lomix aims to match."""
@@ -151,6 +188,8 @@ if SMOKE:
 
 # These synchronise with the host (.tolist(), boolean indexing): no CUDA-graph capture.
 NOT_GRAPHABLE = {"torch_sorted", "loop"}
+# Has no backward of its own (the fused layer's backward is timed in "fused").
+FORWARD_ONLY = {"triton_gemm_base"}
 
 
 def bench(fn, backward: bool, layer: Layer, graph: bool) -> float:
@@ -187,8 +226,28 @@ def saved_bytes(fn, layer: Layer) -> int:
     return sum(seen.values())
 
 
+def graph_replay_error(layer: Layer) -> float:
+    """Capture the fused forward in a CUDA graph, replay it on new inputs copied into the captured
+    buffer, and return its max abs difference from an eager call (0 when graph-safe)."""
+    static_x = layer.x.detach().clone()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer.fused(static_x)  # warm-up (compilation) outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer.fused(static_x)
+        fresh = torch.randn_like(static_x)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        return (static_y.float() - layer.fused(fresh).float()).abs().max().item()
+
+
 def check(layer: Layer) -> float:
-    """Max abs error of both Triton forwards vs an fp32 reference, relative to the delta's max."""
+    """Max abs error of the Triton forwards vs an fp32 reference, relative to the delta's max."""
     x = layer.x.detach()
     with torch.no_grad():
         idx, gates = layer.route(x)
@@ -199,6 +258,14 @@ def check(layer: Layer) -> float:
                 x, layer.A, layer.B, idx, gates.to(x.dtype), layer.scale, strategy=strategy
             ).float()
             errors.append(((ours - ref).abs().max() / ref.abs().max()).item())
+        # the fused layer, against base + its own routing in fp32 (where its selection agrees)
+        y, _, f_idx, f_gates = fused_backend.fused_mixture_linear(
+            x, layer.W, None, layer.router, layer.A, layer.B, layer.scale, layer.k, True, layer.tuning
+        )
+        delta = torch_backend.mixture_lora_dense(
+            x.float(), layer.A.float(), layer.B.float(), f_idx, f_gates, layer.scale
+        )
+        errors.append(((y.float() - (x.float() @ layer.W.float().t() + delta)).abs().max() / delta.abs().max()).item())
     return max(errors)
 
 
@@ -270,6 +337,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="T in {16, 8192}, uniform skew only")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter; writes nothing")
+    parser.add_argument(
+        "--skip-masked-sweep", action="store_true", help="keep the masked kernel's default tiles (saves ~1 minute)"
+    )
     args = parser.parse_args()
     d, rank, experts, k, dtype = 4096, 16, 8, 2, torch.bfloat16
     token_counts = (16, 8192) if args.quick else (1, 16, 64, 1024, 8192)
@@ -278,7 +348,10 @@ def main() -> None:
         d, dtype, token_counts, skews = 32, torch.float32, (3, 40), ("uniform", "hot50")
     else:
         assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    impls = ["triton_masked", "triton_sorted", "torch_dense", "torch_sorted", "loop", "peft_xlora", "lora_r16"]
+    impls = [
+        "fused", "triton_gemm_base", "triton_masked", "triton_sorted", "torch_dense", "torch_sorted", "loop",
+        "peft_xlora", "peft_lora", "lora_r16",
+    ]  # fmt: skip
     info = {
         "gpu": "cpu-smoke" if args.smoke else torch.cuda.get_device_name(),
         "capability": "-" if args.smoke else ".".join(map(str, torch.cuda.get_device_capability())),
@@ -290,8 +363,16 @@ def main() -> None:
     }
     print(json.dumps(info))
     rows, notes = [], {}
-    tile_sweep = sweep_masked_tiles(Layer(token_counts[-1], d, rank, experts, k, "uniform", dtype))
+    if args.skip_masked_sweep:
+        tiles = triton_backend.MASKED_TILES
+        tile_sweep = {
+            "chosen": f"defaults {tiles.block_m}x{tiles.block_n}w{tiles.num_warps}, "
+            f"prep {tiles.prep_block_m}w{tiles.prep_num_warps}"
+        }
+    else:
+        tile_sweep = sweep_masked_tiles(Layer(token_counts[-1], d, rank, experts, k, "uniform", dtype))
     print(json.dumps({"masked_tile_sweep": tile_sweep}), flush=True)
+    info["fused_tuning"] = tuning_for(torch.device(DEVICE)).to_dict()
     info["masked_tiles"] = tile_sweep["chosen"]
     for tokens in token_counts:
         for skew in skews:
@@ -300,7 +381,16 @@ def main() -> None:
                 layer.build_xlora()
             except Exception as exc:  # "where it installs": record why not
                 notes["peft_xlora"] = f"{type(exc).__name__}: {exc}"
+            try:
+                layer.build_peft_lora()
+            except Exception as exc:
+                notes["peft_lora"] = f"{type(exc).__name__}: {exc}"
             row = {"T": tokens, "skew": skew, "max_rel_err": check(layer)}
+            if tokens <= 64 and not args.smoke:
+                try:
+                    row["fused_graph_replay_err"] = graph_replay_error(layer)
+                except Exception as exc:
+                    notes[f"fused CUDA graph T={tokens}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             for backward in (False, True):
                 graph = not backward and tokens <= 64
                 label = "fwd+bwd" if backward else "fwd"
@@ -309,7 +399,10 @@ def main() -> None:
                     base_ms = bench(layer.base, backward=True, layer=layer, graph=False)
                 row[f"{label}_base_ms"] = base_ms
                 for name in impls:
-                    if name == "peft_xlora" and layer.xlora is None:
+                    missing = (name == "peft_xlora" and layer.xlora is None) or (
+                        name == "peft_lora" and layer.peft_layer is None
+                    )
+                    if missing or (backward and name in FORWARD_ONLY):
                         continue
                     try:
                         ms = bench(getattr(layer, name), backward, layer, graph and name not in NOT_GRAPHABLE)
@@ -317,7 +410,7 @@ def main() -> None:
                     except Exception as exc:
                         notes[f"{name} {label} T={tokens}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             if tokens == token_counts[-1] and skew == "uniform":
-                for name in ("triton_masked", "triton_sorted", "torch_dense", "loop"):
+                for name in ("fused", "triton_masked", "triton_sorted", "torch_dense", "loop"):
                     row[f"saved_MiB_{name}"] = saved_bytes(getattr(layer, name), layer) / 2**20
                 row["triton_breakdown_ms"] = breakdown(layer)
             rows.append(row)
@@ -325,36 +418,115 @@ def main() -> None:
             del layer
             if not args.smoke:
                 torch.cuda.empty_cache()
-    if args.smoke:
+                # after every row: a run stopped by its time limit still leaves what it measured
+                write_results(Path(args.out_dir), info, rows, notes, tile_sweep, impls, d, token_counts, len(skews))
+    if args.smoke:  # the writer runs too, into a folder deleted afterwards
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            lines = write_results(Path(scratch), info, rows, notes, tile_sweep, impls, d, token_counts, len(skews))
+        print("\n".join(lines))
         print(f"smoke run finished: {len(rows)} rows, notes: {notes}")
         return
-    out = Path(args.out_dir)
+    print(
+        "\n".join(write_results(Path(args.out_dir), info, rows, notes, tile_sweep, impls, d, token_counts, len(skews)))
+    )
+
+
+def write_results(out: Path, info, rows, notes, tile_sweep, impls, d, token_counts, n_skews) -> list[str]:
+    from lomix.kernels import fused
+
+    info["fused_broken"] = fused._fused_broken  # None unless the fused kernels failed here
+    lines = render(info, rows, notes, tile_sweep, impls, d, token_counts[-1])
+    if len(rows) < len(token_counts) * n_skews:
+        lines += ["", f"PARTIAL: {len(rows)} rows written so far (the run stopped or is still going)."]
     out.mkdir(parents=True, exist_ok=True)
     payload = {"info": info, "rows": rows, "notes": notes, "masked_tile_sweep": tile_sweep}
     (out / "kernels_gpu.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "kernels_gpu.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+# Issue 20's targets for the fused layer / base ratio: (T range, pass) -> (must reach, aim).
+TARGETS = {((8192, 8192), "fwd"): (1.10, 1.06), ((8192, 8192), "fwd+bwd"): (1.20, 1.08), ((1, 64), "fwd"): (1.5, 1.15)}
+
+COLUMN_TITLES = {
+    "fused": "fused layer (Triton)",
+    "triton_gemm_base": "Triton GEMM base alone",
+    "triton_masked": "Triton masked",
+    "triton_sorted": "Triton sorted",
+    "torch_dense": "torch dense-masked",
+    "torch_sorted": "torch sorted",
+    "loop": "per-expert loop",
+    "peft_xlora": "PEFT X-LoRA layer",
+    "peft_lora": "PEFT LoRA r=16 layer",
+    "lora_r16": "one LoRA r=16 (torch, no routing)",
+}
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """Which of the issue's targets the fused layer met in this run (uniform skew rows)."""
+    lines = ["| T | pass | fused | must reach | aim | met | faster than torch LoRA r=16 | than PEFT LoRA |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if row["skew"] != "uniform":
+            continue
+        for label in ("fwd", "fwd+bwd"):
+            fused = row.get(f"{label}_fused")
+            if fused is None:
+                continue
+            goal = next(
+                (v for (lo_hi, p), v in TARGETS.items() if p == label and lo_hi[0] <= row["T"] <= lo_hi[1]), None
+            )
+            must, aim = goal if goal else (None, None)
+            met = "-" if must is None else ("aim" if fused <= aim else "yes" if fused <= must else "no")
+            lora, peft = row.get(f"{label}_lora_r16"), row.get(f"{label}_peft_lora")
+            cells = [
+                f"{fused:.3f}",
+                "-" if must is None else f"{must}",
+                "-" if aim is None else f"{aim}",
+                met,
+                "-" if lora is None else ("yes" if fused < lora else "no"),
+                "-" if peft is None else ("yes" if fused < peft else "no"),
+            ]
+            lines.append(f"| {row['T']} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(info, rows, notes, tile_sweep, impls, d, big_t) -> list[str]:
     lines = [
         f"# Mixture layer / base F.linear on {info['gpu']} (torch {info['torch']}, triton {info['triton']})",
         "",
-        "d=4096, r=16, E=8, k=2, bf16; routing included; medians of triton.testing.do_bench "
-        "(forward at T<=64 with CUDA graphs). Ratios to the base F.linear of the same shape. "
-        f"Masked-kernel tiles chosen by the sweep at T={token_counts[-1]}: {tile_sweep['chosen']}.",
+        f"d={d}, r=16, E=8, k=2, {info['shape']['dtype']}; routing included; medians of triton.testing.do_bench "
+        "(forward at T<=64 with CUDA graphs). Ratios to the base F.linear (cuBLAS) of the same shape. "
+        f"Masked-kernel tiles: {tile_sweep['chosen']}. Fused-layer tuning: {info.get('fused_tuning', {}).get('gpu')}. "
+        "The fused layer routes with its own router (its work does not depend on the selection).",
         "",
-        "| T | skew | pass | Triton masked | Triton sorted | torch dense-masked | torch sorted | per-expert loop "
-        "| PEFT X-LoRA layer | one LoRA r=16 (no routing) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| T | skew | pass | " + " | ".join(COLUMN_TITLES[n] for n in impls) + " |",
+        "|---|---|---|" + "---|" * len(impls),
     ]
     for row in rows:
         for label in ("fwd", "fwd+bwd"):
             cells = [f"{row[f'{label}_{n}']:.3f}" if f"{label}_{n}" in row else "-" for n in impls]
             lines.append(f"| {row['T']} | {row['skew']} | {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Fused layer against the targets of issue 20 (uniform skew):", "", *target_lines(rows)]
     errors = ", ".join(f"T={r['T']} {r['skew']}: {r['max_rel_err']:.1e}" for r in rows)
-    lines += ["", f"Triton forward vs fp32 reference, max abs error / max |delta|: {errors}"]
+    lines += ["", f"Triton forwards vs fp32 reference, max abs error / max |delta|: {errors}"]
+    replays = ", ".join(
+        f"T={r['T']} {r['skew']}: {r['fused_graph_replay_err']:.1e}" for r in rows if "fused_graph_replay_err" in r
+    )
+    if replays:
+        lines += [
+            "",
+            f"Fused forward captured in a CUDA graph and replayed on new inputs, max abs diff from eager: {replays}",
+        ]
     saved = [r for r in rows if "saved_MiB_triton_masked" in r]
     if saved:
         r = saved[0]
         lines += [
             "",
-            f"Activations saved for backward at T={r['T']} (excluding x and parameters): Triton masked "
+            f"Activations saved for backward at T={r['T']} (excluding x and parameters): fused "
+            f"{r['saved_MiB_fused']:.1f} MiB, Triton masked "
             f"{r['saved_MiB_triton_masked']:.1f} MiB, Triton sorted {r['saved_MiB_triton_sorted']:.1f} MiB, "
             f"torch dense {r['saved_MiB_torch_dense']:.1f} MiB, "
             f"loop {r['saved_MiB_loop']:.1f} MiB (x itself is {r['T'] * d * 2 / 2**20:.0f} MiB).",
@@ -365,8 +537,7 @@ def main() -> None:
             lines += ["", f"Triton pieces at T={r['T']} (ms, for reading only, not a result): {parts}"]
     if notes:
         lines += ["", "Notes:"] + [f"- {k}: {v}" for k, v in notes.items()]
-    (out / "kernels_gpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

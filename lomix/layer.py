@@ -15,6 +15,7 @@ from .config import MixtureConfig
 from .errors import RoutingError, UnsupportedModuleError
 from .experts import ExpertBank
 from .kernels import mixture_lora, mixture_lora_mixed
+from .kernels.fused import fused_layer_forward
 from .layout import SparseResidual, residual_size
 from .losses import router_z_loss, switch_load_balancing_loss
 from .quant import disable_cpu_repacking
@@ -123,6 +124,10 @@ class MixtureLinear(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = None if self.disabled or args or kwargs else fused_layer_forward(self, x)
+        if fused is not None:  # base GEMM, router and experts in two Triton launches (lomix.kernels.fused)
+            self._record(fused[1], self._context.get())
+            return fused[0]
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out

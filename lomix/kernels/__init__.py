@@ -13,6 +13,10 @@ the Triton backend in x's dtype (tensor cores) with fp32 accumulation.
 Backends: ``torch`` (reference, CPU path) and ``triton`` (GPU). ``auto`` picks Triton on CUDA when
 it is installed and torch otherwise; the environment variable ``LOMIX_KERNEL=torch|triton``
 overrides the config. A requested but unusable backend falls back to torch with one warning.
+
+On the Triton backend a layer with a softmax top-k router over a dense ``nn.Linear`` base can run
+base GEMM, router and experts as one fused computation instead (`lomix.kernels.fused` says when;
+fused_backend.py how), with launch tiles per GPU from fused_tuning.py.
 """
 
 from __future__ import annotations

@@ -122,6 +122,11 @@ class Router(nn.Module):
         """Act on the training optimizer of a model holding routers of this class, once per class
         (a stage that must leave some experts alone, say). Returns a handle with ``remove()``, or
         None when there is nothing to undo."""
+
+    def softmax_topk_rule(self):
+        """A `lomix.kernels.fused.SoftmaxTopK` when this router's decision right now is a linear
+        softmax top-k that the fused GPU kernel may compute itself, else None (the default: the
+        layer calls ``forward``)."""
         return None
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
+from ..kernels.fused import SoftmaxTopK
 from ..routing import RoutingContext, TokenRouting
 from .base import Router, RouterConfig, register_router
 
@@ -73,3 +74,9 @@ class TopKRouter(LinearGate):
         if self.config.renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
         return TokenRouting(indices=indices, gates=gates, probs=probs, logits=logits)
+
+    def softmax_topk_rule(self) -> SoftmaxTopK | None:
+        # Jitter draws noise per token: the fused kernel does not, so a jittered training step declines.
+        if self.training and self.config.jitter > 0:
+            return None
+        return SoftmaxTopK(self.weight, self.config.k, self.config.renormalize)
