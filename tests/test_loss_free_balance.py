@@ -92,6 +92,15 @@ def test_the_bias_is_saved_with_the_mixture_and_not_given_to_the_optimizer(tmp_p
         assert torch.equal(layer.router.selection_bias, biases[name])
 
 
+def test_the_fused_kernel_rule_follows_the_gates_and_declines_with_a_bias():
+    def rule(**fields):
+        return build_router(lomix.router_config("topk", **fields), 8, 4).softmax_topk_rule()
+
+    assert rule(k=2).renormalize is True and rule(k=1).renormalize is False  # k=1: the raw probability
+    assert rule(k=2, renormalize=False).renormalize is False
+    assert rule(k=2, bias_update_rate=1e-3) is None  # the kernel would select by p, not p + b
+
+
 def test_a_mixture_without_the_option_has_no_bias():
     router = build_router(lomix.router_config("topk"), 8, 4)
     assert "selection_bias" not in router.state_dict()  # files saved before the option stay valid

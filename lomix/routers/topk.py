@@ -150,4 +150,7 @@ class TopKRouter(LinearGate):
         # Jitter draws noise per token: the fused kernel does not, so a jittered training step declines.
         if self.training and self.config.jitter > 0:
             return None
-        return SoftmaxTopK(self.weight, self.config.k, self.config.renormalize)
+        # The loss-free balancing bias selects by p + b and counts the load: the kernel does neither.
+        if self.bias_update_rate > 0:
+            return None
+        return SoftmaxTopK(self.weight, self.config.k, self.config.renormalizes)
