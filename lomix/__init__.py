@@ -59,6 +59,7 @@ _EXPORTS = {
     "add_tasks": "mhr",
     "average_skills": "mhr",
     "train_only_task_rows": "mhr",
+    "after_optimizer_step": "params",
     "attach_optimizer": "params",
     "parameter_groups": "params",
     "Router": "routers",

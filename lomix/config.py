@@ -15,10 +15,12 @@ from .layout import MergedLayout
 from .routers import RouterConfig, router_config
 from .typed import from_dict, to_dict
 
+REDUCTIONS = ("mean", "sum")
+
 
 @dataclass
 class BalanceConfig:
-    """Auxiliary balance losses, summed over layers by `lomix.aux_loss(model)`."""
+    """Auxiliary balance losses, computed per mixture layer and reduced over layers by `lomix.aux_loss(model)`."""
 
     switch: float = field(
         default=0.01,
@@ -28,7 +30,19 @@ class BalanceConfig:
         default=0.0, metadata={"help": "coefficient of the router z-loss mean(logsumexp(logits)^2) (0 disables it)"}
     )
 
+    reduction: str = field(
+        default="mean",
+        metadata={
+            "help": "how the layers' balance losses (Switch, z-loss and a router's own, e.g. LoRA-Mixer's) "
+            "combine: mean over the mixture layers (a coefficient means the same on any depth, as in the "
+            "papers and transformers' MoE models) or sum (lomix's earlier behaviour, ~200x stronger on "
+            "SmolLM2's 210 layers)"
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ConfigError("balance.reduction", f"must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
         for name in ("switch", "z_loss"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"balance.{name}", f"must be >= 0, got {getattr(self, name)}")

@@ -203,7 +203,7 @@ class MixtureLinear(nn.Module):
                 mask = context.token_mask(routing.num_tokens)
                 if self.balance.switch > 0 and routing.probs is not None:
                     losses["switch"] = self.balance.switch * switch_load_balancing_loss(
-                        routing.probs, routing.indices, mask
+                        routing.probs, routing.indices, mask, routing.gates
                     )
                 if self.balance.z_loss > 0 and routing.logits is not None:
                     losses["z_loss"] = self.balance.z_loss * router_z_loss(routing.logits, mask)

@@ -7,20 +7,28 @@ from torch import nn
 
 
 def switch_load_balancing_loss(
-    probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None
+    probs: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer load-balancing loss E * sum_i f_i * P_i.
 
-    f_i is the fraction of the N*k (token, slot) assignments that go to expert i and P_i the mean
+    f_i is the fraction of the (token, slot) assignments that go to expert i and P_i the mean
     router probability of expert i over tokens; both over real tokens only when ``mask`` is given.
-    Equals 1 under perfectly uniform routing. probs (N, E), indices (N, k), mask (N,) bool.
+    With ``gates``, a slot whose gate is 0 is padding (a router with a variable number of experts
+    per token) and is not an assignment. Equals 1 under perfectly uniform routing.
+    probs (N, E), indices (N, k), mask (N,) bool, gates (N, k).
     """
     num_experts = probs.shape[-1]
     if mask is not None:
         probs, indices = probs[mask], indices[mask]
+        gates = gates[mask] if gates is not None else None
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
-    fraction = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype) / indices.numel()
+    live = None if gates is None else (gates.detach() != 0).reshape(-1).to(probs.dtype)
+    counts = torch.bincount(indices.reshape(-1), weights=live, minlength=num_experts).to(probs.dtype)
+    fraction = counts / counts.sum().clamp_min(1)
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 
 
@@ -34,19 +42,20 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of every mixture layer's weighted auxiliary losses from the model's last forward.
+    """The model's auxiliary loss from its last forward: every mixture layer's weighted balance losses,
+    reduced over the layers that reported any by ``balance.reduction`` (mean by default, or sum).
 
     Add it to the task loss before ``backward()``. Zero (a scalar tensor) when no layer has any,
     e.g. in eval mode or with all balance coefficients at 0.
     """
     from .layer import MixtureLinear
 
-    total = None
+    per_layer = []  # (the layer's summed losses, its reduction)
     for module in model.modules():
-        if isinstance(module, MixtureLinear):
-            for value in module.aux_losses.values():
-                total = value if total is None else total + value
-    if total is None:
+        if isinstance(module, MixtureLinear) and module.aux_losses:
+            per_layer.append((sum(module.aux_losses.values()), module.balance.reduction))
+    if not per_layer:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else "cpu")
-    return total
+    layers = len(per_layer)
+    return sum(value / layers if reduction == "mean" else value for value, reduction in per_layer)

@@ -17,6 +17,13 @@ def attach_optimizer(model: nn.Module, optimizer: Any) -> list[Any]:
     return [handle for handle in handles if handle is not None]
 
 
+def after_optimizer_step(model: nn.Module) -> None:
+    """Tell every router of the model that the optimizer took a step (`Router.after_optimizer_step`):
+    call it after each ``optimizer.step()`` of a training loop."""
+    for _, layer in mixture_layers(model):
+        layer.router.after_optimizer_step()
+
+
 def parameter_groups(
     model: nn.Module,
     lr: float,

@@ -4,6 +4,8 @@
 that say whether routing is healthy and that MC-SMoE merging needs:
 
 - load: how often each expert is selected (fraction of tokens whose selection includes it);
+- experts per token: the mean and the histogram of how many experts (non-zero gates) a token uses,
+  which varies for routers such as top-p and expert-choice;
 - mean router probability per expert, router entropy and the effective support of the gates,
   ||g||_1^2 / ||g||_2^2 per token (k for equal gates, 1 when one expert takes all), and the same
   figure of the full router distribution (``prob_support``: how many experts the router spreads over);
@@ -51,6 +53,7 @@ class LayerStats:
     num_experts: int
     tokens: int = 0
     selected: torch.Tensor | None = None  # (E,) tokens whose selection includes the expert (gate > 0)
+    experts_count: torch.Tensor | None = None  # (E + 1,) tokens that use 0, 1, ..., E experts
     gate_mass: torch.Tensor | None = None  # (E,) summed gates
     prob_sum: torch.Tensor | None = None  # (E,) summed router probabilities
     entropy_sum: float = 0.0
@@ -79,9 +82,11 @@ class LayerStats:
         n, e = indices.shape[0], self.num_experts
         if self.selected is None:
             self.selected, self.gate_mass = self._zeros(e), self._zeros(e)
+            self.experts_count = self._zeros(e + 1)
         chosen = torch.zeros(n, e, dtype=torch.float64, device=indices.device)
         chosen.scatter_add_(1, indices, gates.double())
         self.selected += (chosen > 0).sum(0).double().cpu()
+        self.experts_count += torch.bincount((chosen > 0).sum(1), minlength=e + 1).double().cpu()
         self.gate_mass += chosen.sum(0).cpu()
         self.support_sum += effective_support(chosen).sum().item()
         self.tokens += n
@@ -139,6 +144,9 @@ class LayerStats:
             out["load"] = self.load.tolist()
             out["gate_share"] = (self.gate_mass / self.gate_mass.sum().clamp_min(1e-30)).tolist()
             out["effective_support"] = self.support_sum / max(self.tokens, 1)
+            histogram = self.experts_count / max(self.tokens, 1)
+            out["experts_per_token"] = float((histogram * torch.arange(len(histogram))).sum())
+            out["experts_per_token_histogram"] = histogram.tolist()  # fraction of tokens using 0..E experts
         if self.has_probs:
             out["mean_prob"] = self.mean_prob.tolist()
             out["entropy"] = self.entropy_sum / max(self.tokens, 1)

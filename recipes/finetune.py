@@ -99,14 +99,22 @@ def lr_factor(cfg: TrainConfig):
 
 
 def routing_record(stats: RoutingStats) -> dict[str, Any]:
-    """Mean effective support, entropy and router-distribution support over layers, and per layer
-    those plus the expert load, from the routing statistics gathered since the last record."""
+    """Mean experts per token, effective support, entropy and router-distribution support over layers,
+    and per layer those plus the expert load and the histogram of experts per token, from the routing
+    statistics gathered since the last record."""
     layers = {}
     for name, summary in stats.summary().items():
-        keep = ("effective_support", "entropy", "prob_support", "load")
+        keep = (
+            "experts_per_token",
+            "effective_support",
+            "entropy",
+            "prob_support",
+            "load",
+            "experts_per_token_histogram",
+        )
         layers[name] = {k: summary[k] for k in keep if k in summary}
     record: dict[str, Any] = {}
-    for key in ("effective_support", "entropy", "prob_support"):
+    for key in ("experts_per_token", "effective_support", "entropy", "prob_support"):
         values = [v[key] for v in layers.values() if key in v]
         if values:
             record[f"routing_{key}"] = sum(values) / len(values)
@@ -526,6 +534,7 @@ def train(run: Run) -> list[dict[str, Any]]:
                     skipped = nonfinite_step(run, finite, grad_norm)
                     if not skipped:
                         run.optimizer.step()
+                        lomix.after_optimizer_step(run.unwrapped)  # state the optimizer does not train
                     run.scheduler.step()
                     run.optimizer.zero_grad(set_to_none=True)
                     if cfg.max_grad_norm == 0:

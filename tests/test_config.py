@@ -32,8 +32,9 @@ def test_json_round_trip_preserves_every_field(tmp_path):
         "name": "topk",
         "k": 3,
         "jitter": 0.01,
-        "renormalize": True,
+        "renormalize": None,
         "init_std": 0.02,
+        "bias_update_rate": 0.0,
     }
 
 
@@ -77,7 +78,8 @@ def test_unknown_key_lists_valid_keys():
         lomix.MixtureConfig.from_dict({"num_expert": 4})
     assert info.value.field == "num_expert"
     assert "num_experts" in str(info.value) and "rank" in str(info.value)
-    with pytest.raises(ConfigError, match=r"router.kk: unknown key; valid keys here are: init_std, jitter, k"):
+    valid = "bias_update_rate, init_std, jitter, k"
+    with pytest.raises(ConfigError, match=rf"router.kk: unknown key; valid keys here are: {valid}"):
         lomix.MixtureConfig.from_dict({"router": {"name": "topk", "kk": 1}})
 
 

@@ -413,3 +413,29 @@ def test_training_refuses_targets_whose_forward_never_runs(assets, tmp_path, run
 
             AcceleratorState._reset_state(True)
     assert "(model.layers.1.mlp.down_proj)" in str(e.value) and not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_the_recipe_updates_the_loss_free_bias_after_each_step_and_resumes_it_exactly(assets, tmp_path, run_recipe):
+    """The recipe calls lomix.after_optimizer_step: after 6 steps every bias entry is a sum of 6
+    steps of +-rate (or 0 where an expert sat exactly at the mean); a run resumed at step 3 ends
+    with the same biases (saved in the checkpoint with the mixture)."""
+    from safetensors.torch import load_file
+
+    rate = 1e-2
+    router = {"name": "topk", "k": 2, "jitter": 0.0, "bias_update_rate": rate}
+    sections = {"router": router, "mixture": {"dropout": 0.0}}
+    full = run_recipe(config(assets, tmp_path / "full", train={**_train(), "save_every": 3}, **sections))
+    assert all(r["routing_experts_per_token"] == pytest.approx(2.0) for r in full["records"] if "loss" in r)
+    biases = {k: v for k, v in load_file(str(tmp_path / "full" / "mixture" / "lomix_model.safetensors")).items()
+              if k.endswith("router.selection_bias")}  # fmt: skip
+    assert len(biases) == 8  # q, v, up, down of 2 layers
+    for bias in biases.values():
+        steps = bias / rate
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and float(steps.abs().max()) <= 6 + 1e-4
+    assert sum(float(bias.abs().sum()) for bias in biases.values()) > 0  # (a layer may oscillate back to 0)
+    checkpoint = tmp_path / "full" / "checkpoints" / "step-000003"
+    resumed = run_recipe(config(assets, tmp_path / "resumed", resume_from=str(checkpoint), **sections))
+    assert loss_list(resumed) == pytest.approx(loss_list(full)[3:], abs=1e-6)
+    again = load_file(str(tmp_path / "resumed" / "mixture" / "lomix_model.safetensors"))
+    for key, bias in biases.items():
+        torch.testing.assert_close(again[key], bias, rtol=0, atol=1e-7)

@@ -65,7 +65,8 @@ def test_minimising_the_entropy_term_sharpens_or_flattens_routing(sign, directio
         for param in _router_params(model):
             param.normal_(0, 0.5)
     inputs = LLAMA.inputs(torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(_router_params(model), lr=0.5)
+    # the per-layer step of the summed loss: aux_loss averages over the layers
+    optimizer = torch.optim.SGD(_router_params(model), lr=0.5 * len(list(lomix.mixture_layers(model))))
 
     def mean_entropy():
         with lomix.RoutingStats(model) as stats:
@@ -96,12 +97,13 @@ def test_the_layer_reports_the_weighted_balance_loss_over_real_tokens():
         model(**inputs)
         expected = 0.0
         mask = inputs["attention_mask"].reshape(-1).bool()
-        for _, layer in lomix.mixture_layers(model):
+        layers = list(lomix.mixture_layers(model))
+        for _, layer in layers:
             probs = layer.last_routing.probs[mask].detach().double()
             top = probs.topk(2, dim=-1).indices
             fbar = torch.stack([(top == i).double().sum() / top.numel() for i in range(4)])
             entropy = -(probs * probs.log()).sum(-1).mean()
-            expected += float(0.3 * (probs.mean(0) * fbar).sum() - 0.05 * entropy)
+            expected += float(0.3 * (probs.mean(0) * fbar).sum() - 0.05 * entropy) / len(layers)  # mean over layers
     assert math.isclose(float(lomix.aux_loss(model).detach()), expected, rel_tol=1e-5)
 
 

@@ -152,9 +152,10 @@ def test_dry_run_prints_the_override_applied(tmp_path):
     assert yaml.safe_load(result.stdout)["router"] == {
         "name": "topk",
         "k": 3,
-        "renormalize": True,
+        "renormalize": None,
         "jitter": 0.0,
         "init_std": 0.02,
+        "bias_update_rate": 0.0,
     }
 
 
@@ -285,9 +286,13 @@ def test_router_defaults_apply_in_python_too():
 
 
 def test_dry_run_switches_the_quickstart_router_by_override():
-    for name, switch in (("dense", 0.01), ("remix", 0.0)):
+    for name, switch in (("dense", 0.01), ("remix", 0.0), ("topp", 0.01), ("expert_choice", 0.0)):
         result = lomix_cli("train", str(CONFIGS / "quickstart.yaml"), f"router.name={name}", "--dry-run")
         assert result.returncode == 0, result.stderr
         resolved = yaml.safe_load(result.stdout)
         assert resolved["router"]["name"] == name and resolved["mixture"]["balance"]["switch"] == switch
         assert "dropped router.k" in result.stderr
+    # loss-free balancing is an option of topk (and topp)
+    result = lomix_cli("train", str(CONFIGS / "quickstart.yaml"), "router.bias_update_rate=0.001", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["router"]["bias_update_rate"] == 0.001

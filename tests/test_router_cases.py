@@ -35,6 +35,8 @@ class RouterCase:
 
 CASES = [
     RouterCase("topk", {"k": 2}),
+    RouterCase("topp", {"p": 0.5, "max_k": 3, "bias_update_rate": 1e-3}),
+    RouterCase("expert_choice", {"capacity_factor": 1.5, "eval_k": 2}),
     RouterCase("dense"),
     RouterCase("fixed", {"experts": [0, 2], "weights": [0.7, 0.3]}, fixed_route=True, trains_router=False),
     RouterCase("remix", {"k": 2}),

@@ -78,7 +78,8 @@ def test_switch_loss_and_z_loss_match_their_formulas():
     )
 
 
-def test_aux_loss_sums_weighted_layer_losses_over_real_tokens_only():
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_aux_loss_reduces_weighted_layer_losses_over_real_tokens_only(reduction):
     case = MODEL_CASES["llama"]
     model, _ = build_pair(case)
     model.train()
@@ -88,7 +89,7 @@ def test_aux_loss_sums_weighted_layer_losses_over_real_tokens_only():
             target_modules=["q_proj", "up_proj"],
             num_experts=4,
             rank=2,
-            balance=lomix.BalanceConfig(switch=0.5, z_loss=0.25),
+            balance=lomix.BalanceConfig(switch=0.5, z_loss=0.25, reduction=reduction),
         ),
     )
     randomize_experts(model)
@@ -103,6 +104,9 @@ def test_aux_loss_sums_weighted_layer_losses_over_real_tokens_only():
         + 0.25 * lomix.router_z_loss(layer.last_routing.logits, mask)
         for layer in layers
     )
+    if reduction == "mean":  # the per-layer formula averaged over the mixture layers
+        expected = expected / len(layers)
+    assert len(layers) == 4  # q_proj and up_proj of 2 layers: mean and sum differ
     torch.testing.assert_close(lomix.aux_loss(model), expected)
     model.eval()
     model(**inputs)

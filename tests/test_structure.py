@@ -50,6 +50,7 @@ def test_the_contract_hooks_have_no_op_defaults():
     router.check_layer("layer", 4, 3)
     router.init_experts(bank)
     router.bind_mixture(mixture)
+    assert router.after_optimizer_step() is None
     assert torch.equal(bank.A, before)
 
 

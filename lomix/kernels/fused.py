@@ -12,7 +12,8 @@ these hold; otherwise it runs today's path (base layer, router, `mixture_lora`) 
   such as bitsandbytes' 4-bit/8-bit layers), without hooks, whose weight has x's dtype; the call
   has no extra arguments;
 - the router declares a linear softmax top-k rule (`Router.softmax_topk_rule`; jitter in training
-  declines), there is no merged-expert map or sparse residual, and expert dropout is inactive;
+  or a loss-free balancing bias declines), there is no merged-expert map or sparse residual, and
+  expert dropout is inactive;
 - E*r is at most the GPU's measured ``max_columns`` (fused_tuning.py): wider mixtures keep the
   sorted (grouped) kernels, which skip the unselected experts' FLOPs.
 """

@@ -19,16 +19,20 @@ from .base import (
     router_config_from_dict,
 )
 from .dense import DenseRouter, DenseRouterConfig
+from .expert_choice import ExpertChoiceRouter, ExpertChoiceRouterConfig
 from .fixed import FixedRouter, FixedRouterConfig
 from .glider import GliderRouter, GliderRouterConfig, PhatgooseRouter, PhatgooseRouterConfig
 from .loramixer import LoRAMixerRouter, LoRAMixerRouterConfig
 from .poly import MHRRouterConfig, PolyRouter, PolyRouterConfig
 from .remix import RemixRouter, RemixRouterConfig
 from .topk import TopKRouter, TopKRouterConfig
+from .topp import TopPRouter, TopPRouterConfig
 
 __all__ = [
     "DenseRouter",
     "DenseRouterConfig",
+    "ExpertChoiceRouter",
+    "ExpertChoiceRouterConfig",
     "FixedRouter",
     "FixedRouterConfig",
     "GliderRouter",
@@ -46,6 +50,8 @@ __all__ = [
     "RouterConfig",
     "TopKRouter",
     "TopKRouterConfig",
+    "TopPRouter",
+    "TopPRouterConfig",
     "available_routers",
     "build_router",
     "load_plugins",

@@ -90,7 +90,9 @@ class Router(nn.Module):
 
     The hooks below are called by `MixtureLinear` when it is built, in this order:
     ``check_layer``, ``init_experts``, ``bind_mixture``; `lomix.parameter_groups` reads
-    ``default_lr`` and `lomix.attach_optimizer` calls ``attach_optimizer``. Each default does nothing.
+    ``default_lr``, `lomix.attach_optimizer` calls ``attach_optimizer`` and a training loop calls
+    `lomix.after_optimizer_step` (hence ``after_optimizer_step``) after every optimizer step. Each
+    default does nothing.
     """
 
     name: ClassVar[str] = ""
@@ -128,6 +130,12 @@ class Router(nn.Module):
         softmax top-k that the fused GPU kernel may compute itself, else None (the default: the
         layer calls ``forward``)."""
         return None
+
+    def after_optimizer_step(self) -> None:
+        """Update state that is not trained by the optimizer, once per optimizer step, from what the
+        router saw in the training forwards since the previous step (the loss-free balancing bias of
+        `topk` / `topp`). Called for every router by `lomix.after_optimizer_step(model)`; the finetune
+        recipe calls it after each step it takes (a skipped non-finite step calls nothing)."""
 
     def extra_repr(self) -> str:
         return f"{self.name}, d_in={self.d_in}, experts={self.num_experts}"
