@@ -187,7 +187,7 @@ def generate(
     offsets = RouterOffsets(model, input_ids.shape[0], layers)
     offsets.install()
     try:
-        with routing_context(model, **(routing or {})):
+        with routing_context(model, **routing) if routing else contextlib.nullcontext():
             return _generate_in_chunks(
                 model, offsets, input_ids, mask, steps, lr, every, max_new_tokens, generate_kwargs
             )
