@@ -62,6 +62,20 @@ def evaluate(
         help="The task's description for the routers: TEXT for every test task, or TASK=TEXT (repeatable). A "
         "described test task the run never trained on is evaluated held-out (routers that route by description).",
     ),
+    reroute_steps: int | None = typer.Option(
+        None,
+        "--reroute-steps",
+        help="Test-time rerouting: fit per-prompt router-logit offsets to the prompt's own loss for N Adam steps "
+        "before scoring or answering it (eval.reroute_steps; routers that produce logits).",
+    ),
+    reroute_every: int | None = typer.Option(
+        None,
+        "--reroute-every",
+        help="Re-fit the offsets every N generated tokens (eval.reroute_every; 0: prompt only).",
+    ),
+    reroute_lr: float | None = typer.Option(
+        None, "--reroute-lr", help="Learning rate of the offsets (eval.reroute_lr, default 0.1)."
+    ),
 ) -> None:
     """Evaluate a run on its test data, per task and on average.
 
@@ -72,10 +86,10 @@ def evaluate(
     """
     from lomix.recipes import evaluation
 
+    flags = {"reroute_steps": reroute_steps, "reroute_every": reroute_every, "reroute_lr": reroute_lr}
+    overrides = [*(overrides or []), *(f"eval.{key}={value}" for key, value in flags.items() if value is not None)]
     try:
-        evaluation.run(
-            run_dir, overrides or [], base=base, checkpoint=checkpoint, task_descriptions=task_description or []
-        )
+        evaluation.run(run_dir, overrides, base=base, checkpoint=checkpoint, task_descriptions=task_description or [])
     except LomixError as exc:
         raise fail(exc) from None
 

@@ -102,6 +102,7 @@ class MixtureLinear(nn.Module):
         self.router.to(device=weight.device if weight is not None else None)
         self.router.check_layer(name, self.d_in, self.d_out)
         self.router.init_experts(self.experts)  # a router's own expert initialisation, if any
+        self.router.bind_experts(self.experts)  # routers that route by the experts' weights
         self.router.bind_mixture(config)  # gates that depend on the rank or the LoRA scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale

@@ -40,7 +40,7 @@ from .frozen import inject_frozen_experts, update_router
 from .inject import mixture_layers
 from .layer import linear_dims
 from .paths import unsafe_reason
-from .routers import GliderRouterConfig, build_router
+from .routers import GliderRouterConfig, RouterConfig, build_router
 
 LIBRARY_NAME = "library.json"
 LIBRARY_FORMAT = "lomix-library"
@@ -208,6 +208,7 @@ def load_library(
     embedding_model: str = DEFAULT_EMBEDDING_MODEL,
     missing_task: str = "error",
     kernel: str = "auto",
+    router: RouterConfig | None = None,
 ) -> nn.Module:
     """Inject a GLIDER mixture of the library's experts into ``model`` (frozen, for inference).
 
@@ -215,6 +216,9 @@ def load_library(
         experts: names to use, in this order (default: all of the library's, in its order).
         exclude: names left out (held-out evaluation: the query task's own expert is not there).
         alpha, k, embedding_model, missing_task: `GliderRouterConfig` fields.
+        router: route the library's experts with this router config instead of GLIDER (a
+            training-free one such as ``lomix.router_config("arrow", k=2)``); the GLIDER fields and
+            the experts' PHATGOOSE gates are then unused.
 
     Every expert is read and checked against ``model`` before the model is touched.
     """
@@ -256,7 +260,7 @@ def load_library(
     targets = {m for _, _, _, modules in loaded for m in modules}
     ordered = [name for name, _ in model.named_modules() if name in targets]
     rank = max(config.rank for _, config, _, _ in loaded)
-    router = GliderRouterConfig(
+    glider = GliderRouterConfig(
         k=min(k, len(loaded)),
         alpha=alpha,
         experts=[e.name for e, _, _, _ in loaded],
@@ -271,7 +275,7 @@ def load_library(
         rank=rank,
         alpha=float(rank),  # scale alpha / rank = 1: each expert's own scale is folded into its B
         dropout=0.0,
-        router=router,
+        router=glider if router is None else router,
         balance={"switch": 0.0, "z_loss": 0.0},
         kernel=kernel,
     )
@@ -291,7 +295,7 @@ def load_library(
         {m: (tensors[f"{m}.experts.A"][0], tensors[f"{m}.experts.B"][0], _expert_scale(c)) for m in modules}
         for _, c, tensors, modules in loaded
     ]
-    inject_frozen_experts(model, config, factors, freeze_routers=True, fill=fill)
+    inject_frozen_experts(model, config, factors, freeze_routers=True, fill=fill if router is None else None)
     for param in model.parameters():
         param.requires_grad_(False)
     return model

@@ -341,7 +341,24 @@ class EvalConfig:
         default=8, metadata={"help": "examples per batch when scoring choices and computing the held-out loss"}
     )
 
+    reroute_steps: int = field(
+        default=0,
+        metadata={
+            "help": "test-time rerouting: Adam steps on per-sequence router-logit offsets, fitted to each prompt's "
+            "own next-token loss before it is scored or answered (0: off; routers that produce logits)"
+        },
+    )
+    reroute_every: int = field(
+        default=0, metadata={"help": "re-fit the offsets every N generated tokens (0: at the prompt only)"}
+    )
+    reroute_lr: float = field(default=0.1, metadata={"help": "learning rate of the rerouting offsets"})
+
     def __post_init__(self) -> None:
+        for name in ("reroute_steps", "reroute_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if not self.reroute_lr > 0:
+            raise ConfigError("eval.reroute_lr", f"must be > 0, got {self.reroute_lr}")
         if self.max_examples_per_task is not None and self.max_examples_per_task < 1:
             raise ConfigError("eval.max_examples_per_task", f"must be >= 1 or null, got {self.max_examples_per_task}")
         for name in ("max_new_tokens", "batch_size"):

@@ -189,24 +189,51 @@ def score_choices(
 
 @torch.no_grad()
 def generate_answer(
-    model: torch.nn.Module, formatter: Formatter, example: Example, task_id: int, description: str, max_new_tokens: int
+    model: torch.nn.Module,
+    formatter: Formatter,
+    example: Example,
+    task_id: int,
+    description: str,
+    max_new_tokens: int,
+    cfg: EvalConfig | None = None,
 ) -> str:
     tok = formatter.tokenizer
     prompt, _ = formatter.encode(example, None)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], device=device)
     stop = [t for t in {tok.eos_token_id, tok.pad_token_id} if t is not None]
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "use_cache": not whole_sequences(model),
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": stop or None,
+    }
     with _routing(model, task_id, description):
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=not whole_sequences(model),
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=stop or None,
-        )
+        if rerouting(model, cfg):
+            out = lomix.reroute.generate(
+                model, ids, steps=cfg.reroute_steps, lr=cfg.reroute_lr, every=cfg.reroute_every, **settings
+            )
+        else:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def rerouting(model: torch.nn.Module, cfg: EvalConfig | None) -> bool:
+    """True when ``cfg`` asks for test-time rerouting and the model holds a mixture to reroute."""
+    return cfg is not None and cfg.reroute_steps > 0 and getattr(model, "lomix_state", None) is not None
+
+
+def score_rerouted(
+    model: torch.nn.Module, formatter: Formatter, item: tuple[Example, int, str], cfg: EvalConfig, reuse_cache: bool
+) -> list[float]:
+    """The choices' scores of one example with router-logit offsets fitted to its prompt (`lomix.reroute`)."""
+    example, task_id, description = item
+    prompt, _ = formatter.encode(example, None)
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    routing = {"task_ids": torch.tensor([task_id], device=ids.device), "task_descriptions": [description]}
+    with lomix.reroute.rerouted(model, ids, steps=cfg.reroute_steps, lr=cfg.reroute_lr, **routing):
+        return score_batch(model, formatter, [item], reuse_cache)[0]
 
 
 def select_examples(examples: Sequence[Example], cfg: EvalConfig) -> list[Example]:
@@ -230,7 +257,11 @@ def predict(
     for start in range(0, len(choice), cfg.batch_size):
         batch = choice[start : start + cfg.batch_size]
         items = [(examples[i], tasks.id(examples[i].task), tasks.descriptions[examples[i].task]) for i in batch]
-        for i, scores in zip(batch, score_batch(model, formatter, items, reuse_cache), strict=True):
+        if rerouting(model, cfg):  # offsets are fitted per prompt: one example at a time
+            batch_scores = [score_rerouted(model, formatter, item, cfg, reuse_cache) for item in items]
+        else:
+            batch_scores = score_batch(model, formatter, items, reuse_cache)
+        for i, scores in zip(batch, batch_scores, strict=True):
             example = examples[i]
             records[i] = {
                 "task": example.task,
@@ -246,7 +277,7 @@ def predict(
         if example.is_multiple_choice:
             continue
         task_id, description = tasks.id(example.task), tasks.descriptions[example.task]
-        text = generate_answer(model, formatter, example, task_id, description, cfg.max_new_tokens)
+        text = generate_answer(model, formatter, example, task_id, description, cfg.max_new_tokens, cfg)
         records[i] = {"task": example.task, "kind": "generate", "prediction": text, "reference": example.target.strip()}
         if bar is not None:
             bar.update(1)

@@ -187,3 +187,38 @@ def test_a_mamba_cache_falls_back_to_scoring_whole_sequences(tiny_mamba):
     examples = [example for example, _, _ in items]
     results = evaluation.evaluate_model(model, formatter, examples, tasks, EvalConfig(max_new_tokens=2), progress=False)
     assert results["tasks"]["color"]["n"] == 1 and results["tasks"]["parity"]["n"] == 1
+
+
+def test_rerouted_evaluation_fits_offsets_per_prompt_and_leaves_the_model_as_it_was(tiny):
+    model, tokenizer = tiny
+    formatter = Formatter(tokenizer, DataConfig(train="t.jsonl"))
+    example = Example("color", "color number 2 7", choices=["red", "green", "blue stone river"], label=2)
+    cfg = EvalConfig(reroute_steps=3, reroute_lr=0.5, max_new_tokens=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = reference_scores(model, tokenizer, formatter, example)
+    scores = evaluation.score_rerouted(model, formatter, (example, 1, "color"), cfg, reuse_cache=True)
+    # reference: the full-sequence scorer inside offsets fitted by hand on the same prompt
+    prompt = torch.tensor([formatter.encode(example, None)[0]])
+    with lomix.reroute.rerouted(
+        model, prompt, steps=3, lr=0.5, task_ids=torch.tensor([1]), task_descriptions=["color"]
+    ):
+        expected = reference_scores(model, tokenizer, formatter, example)
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert scores != pytest.approx(plain, abs=1e-4)  # the offsets changed the routing
+    echo = Example("echo", "repeat apple", target="apple")
+    text = evaluation.generate_answer(model, formatter, echo, 0, "echo", 4, cfg)
+    ids = torch.tensor([formatter.encode(echo, None)[0]])
+    stop = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
+    with lomix.reroute.rerouted(model, ids, steps=3, lr=0.5):
+        out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stop)  # fmt: skip
+    assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert reference_scores(model, tokenizer, formatter, example) == plain
+
+
+def test_reroute_settings_are_checked_with_the_field_named():
+    with pytest.raises(ConfigError, match=r"eval\.reroute_steps"):
+        EvalConfig(reroute_steps=-1)
+    with pytest.raises(ConfigError, match=r"eval\.reroute_lr"):
+        EvalConfig(reroute_lr=0.0)

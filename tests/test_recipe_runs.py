@@ -107,6 +107,23 @@ def test_eval_recomputes_the_final_table_and_the_base_model(reference):
     assert json.loads((run / "eval_base.json").read_text()) == before
 
 
+def test_eval_reroute_flags_reach_the_evaluation(reference, tmp_path):
+    import shutil
+
+    from lomix.recipes import evaluation
+
+    run, _, _ = reference
+    copy = Path(shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints", "logs")))
+    bad = lomix_cli("eval", copy, "--reroute-steps", "-1")
+    assert bad.returncode != 0 and "eval.reroute_steps" in bad.stderr
+    flags = ("--reroute-steps", "2", "--reroute-every", "2", "--reroute-lr", "0.05")
+    result = lomix_cli("eval", copy, "eval.max_new_tokens=4", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = evaluation.run(copy, ["eval.max_new_tokens=4", "eval.reroute_steps=2", "eval.reroute_every=2",
+                                     "eval.reroute_lr=0.05", "train.progress=false"])  # fmt: skip
+    assert json.loads((copy / "eval.json").read_text()) == json.loads(json.dumps(expected))
+
+
 def test_resume_from_a_checkpoint_continues_exactly(reference, tmp_path):
     run, path, _ = reference
     result = lomix_cli(

@@ -45,6 +45,7 @@ CASES = [
     RouterCase("loramixer", {"stage": "soft", "k": 2}),
     RouterCase("glider", {"descriptions": ["a", "b", "c", "d"], "missing_task": "local", "k": 2}),
     RouterCase("phatgoose"),
+    RouterCase("arrow", {"k": 2, "temperature": 0.5}, trains_router=False),
 ]
 
 

@@ -49,9 +49,11 @@ def test_the_contract_hooks_have_no_op_defaults():
     before = bank.A.detach().clone()
     router.check_layer("layer", 4, 3)
     router.init_experts(bank)
+    router.bind_experts(bank)
     router.bind_mixture(mixture)
     assert router.after_optimizer_step() is None
     assert torch.equal(bank.A, before)
+    assert router.route_logits(torch.zeros(3, 2), torch.zeros(3, 4), lomix.RoutingContext()) is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -23,6 +24,7 @@ from ..typed import from_dict, to_dict
 
 if TYPE_CHECKING:
     from ..config import MixtureConfig
+    from ..routing import RoutingContext, TokenRouting
 
 
 @dataclass
@@ -89,10 +91,10 @@ class Router(nn.Module):
     context the batch's `RoutingContext`.
 
     The hooks below are called by `MixtureLinear` when it is built, in this order:
-    ``check_layer``, ``init_experts``, ``bind_mixture``; `lomix.parameter_groups` reads
-    ``default_lr``, `lomix.attach_optimizer` calls ``attach_optimizer`` and a training loop calls
-    `lomix.after_optimizer_step` (hence ``after_optimizer_step``) after every optimizer step. Each
-    default does nothing.
+    ``check_layer``, ``init_experts``, ``bind_experts``, ``bind_mixture``; `lomix.parameter_groups`
+    reads ``default_lr``, `lomix.attach_optimizer` calls ``attach_optimizer``, a training loop calls
+    `lomix.after_optimizer_step` (hence ``after_optimizer_step``) after every optimizer step, and
+    `lomix.reroute` calls ``route_logits``. Each default does nothing (``route_logits``: None).
     """
 
     name: ClassVar[str] = ""
@@ -116,8 +118,21 @@ class Router(nn.Module):
         """Re-initialise the layer's fresh `ExpertBank` the router's way (Poly/MHR: A per head);
         the default keeps the bank's own initialisation."""
 
+    def bind_experts(self, experts: nn.Module) -> None:
+        """Learn the layer's `ExpertBank` for a router that routes by the experts' own weights (Arrow:
+        their top singular vectors). Called once when the layer is built, before any weight is loaded,
+        so such a router reads the bank's tensors when it routes, not here."""
+
     def bind_mixture(self, mixture: MixtureConfig) -> None:
         """Learn the layer's mixture config (rank, LoRA scale) for gates that depend on them (remix's omega)."""
+
+    def route_logits(self, logits: torch.Tensor, x: torch.Tensor, context: RoutingContext) -> TokenRouting | None:
+        """The routing this router makes from router logits (N, E) it did not compute itself: its own
+        selection and gate rule applied to ``logits``, so that ``route_logits(r.logits, x, context)``
+        equals ``r = forward(x, context)``. Test-time rerouting (`lomix.reroute`) calls it with offset
+        logits. None (the default): this router's routing is not a function of its logits, and
+        rerouting refuses it."""
+        return None
 
     @classmethod
     def attach_optimizer(cls, model: nn.Module, optimizer: Any) -> Any:

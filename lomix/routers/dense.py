@@ -29,7 +29,9 @@ class DenseRouterConfig(RouterConfig):
 @register_router("dense", DenseRouterConfig)
 class DenseRouter(LinearGate):
     def forward(self, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
-        logits = self.logits(x)
+        return self.route_logits(self.logits(x), x, context)
+
+    def route_logits(self, logits: torch.Tensor, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
         probs = logits.softmax(dim=-1)
-        indices = torch.arange(self.num_experts, device=x.device).expand(probs.shape[0], -1)
+        indices = torch.arange(self.num_experts, device=logits.device).expand(probs.shape[0], -1)
         return TokenRouting(indices=indices, gates=probs, probs=probs, logits=logits)

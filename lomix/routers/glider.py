@@ -193,6 +193,11 @@ class GliderRouter(Router):
         probs, gates, indices, logits = combine(local, scores, self.config.alpha, self.config.k)
         return TokenRouting(indices=indices, gates=gates.to(x.dtype), probs=probs, logits=logits)
 
+    def route_logits(self, logits: torch.Tensor, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
+        """Softmax, top-k, renormalised, of logits that already hold the global term."""
+        probs, gates, indices, logits = combine(logits, None, 0.0, self.config.k)
+        return TokenRouting(indices=indices, gates=gates.to(x.dtype), probs=probs, logits=logits)
+
 
 @dataclass
 class PhatgooseRouterConfig(RouterConfig):

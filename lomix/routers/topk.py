@@ -137,7 +137,9 @@ class LinearGate(Router):
 @register_router("topk", TopKRouterConfig)
 class TopKRouter(LinearGate):
     def forward(self, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
-        logits = self.logits(x)
+        return self.route_logits(self.logits(x), x, context)
+
+    def route_logits(self, logits: torch.Tensor, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
         probs = logits.softmax(dim=-1)
         indices = self.selection_scores(probs).topk(self.config.k, dim=-1).indices
         gates = probs.gather(-1, indices)  # unbiased: the balancing bias only selects
