@@ -52,8 +52,10 @@ def router_fields(draw, num_experts):
         weights = draw(st.none() | st.lists(st.floats(-2, 2), min_size=len(experts), max_size=len(experts)))
         return {"name": name, "experts": experts, "weights": weights}
     if name == "topk":
-        return {"name": name, "k": draw(k), "renormalize": draw(st.booleans()), "jitter": draw(st.floats(0, 0.9)),
-                "init_std": draw(std)}  # fmt: skip
+        top = draw(k)
+        renormalize = st.sampled_from([None, False]) if top == 1 else st.sampled_from([None, False, True])
+        return {"name": name, "k": top, "renormalize": draw(renormalize), "jitter": draw(st.floats(0, 0.9)),
+                "init_std": draw(std), "bias_update_rate": draw(st.sampled_from([0.0, 1e-3]))}  # fmt: skip
     if name in ("poly", "mhr"):
         fields = {"name": name, "gumbel": draw(st.booleans()), "temperature": draw(st.floats(0.05, 5.0)),
                   "init_range": draw(std), "unknown_task": draw(st.sampled_from(["error", "uniform"]))}  # fmt: skip
