@@ -47,7 +47,7 @@ from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError, LomixError
 from lomix.inject import check_targets_run
 from lomix.quant import prepare_kbit_training
-from lomix.recipes import quantization
+from lomix.recipes import quantization, trackers
 from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
 from lomix.recipes.data import (
@@ -217,6 +217,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
 
     cfg = copy.deepcopy(cfg)  # the build resolves the mixture (task names, few-shot start) in the run's copy
     quantization.check(cfg.model, cfg.train)  # a missing bitsandbytes is named before anything loads
+    trackers.prepare(cfg.train)  # so is a missing tracker (accelerate would only warn)
     out = check_output_dir(cfg)
     checkpoint = find_checkpoint(cfg.resume_from) if cfg.resume_from else None
     accelerator = Accelerator(
