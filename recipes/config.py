@@ -25,7 +25,7 @@ from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
 from lomix.recipes import method_config
 from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
-from lomix.typed import _type_name, field_docs, from_dict, to_dict
+from lomix.typed import _type_name, coerce, field_docs, from_dict, to_dict, unknown_key_message
 
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
@@ -497,13 +497,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys from ``key=value`` strings; values are parsed as YAML (``[a, b]``, ``null``, ``2e-4``)."""
+    """Set dotted keys from ``key=value`` strings; values are parsed as YAML (``[a, b]``, ``null``, ``2e-4``).
+
+    A value for a field that takes text is the raw text whenever its YAML reading is not what the
+    field wants (``data.prompt_template={input}`` is a flow mapping in YAML, ``Q: {input} A:`` is not
+    valid YAML): shells make quoting inside the value awkward, and the field can only mean the text.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(item, "an override must look like section.key=value (e.g. train.lr=2e-4)")
-        value = parse_yaml(raw, item) if raw.strip() else ""
+        value = _override_value(key, raw, item, data)
         node = data
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
@@ -517,6 +522,60 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return data
+
+
+def _override_value(key: str, raw: str, item: str, data: dict[str, Any]) -> Any:
+    """The value of ``key=raw``: its YAML reading, or ``raw`` itself for a text field that the
+    YAML reading does not fit (see `apply_overrides`)."""
+    if not raw.strip():
+        return ""
+    takes_text = _takes_text(_field_type(key, data))
+    try:
+        value = parse_yaml(raw, item)
+    except ConfigError:
+        if takes_text:
+            return raw
+        raise
+    if takes_text and not isinstance(value, str):
+        try:
+            coerce(_field_type(key, data), value, key)
+        except ConfigError:
+            return raw  # e.g. {input} read as a mapping, 2024 as a number, for a text field
+    return value
+
+
+def _field_type(key: str, data: dict[str, Any]) -> Any:
+    """The declared type of dotted config ``key`` (``data.prompt_template`` -> ``str``), or None when
+    the key names no field (the error about that comes later, from validation)."""
+    parts = key.split(".")
+    if parts[0] == "router":
+        section = data.get("router")
+        name = section.get("name") if isinstance(section, dict) else None
+        try:
+            cls: Any = router_class(name if isinstance(name, str) else MixtureConfig().router.name).config_class
+        except Exception:  # an unknown router name: validation names it
+            return None
+        parts = parts[1:]
+    else:
+        cls = FinetuneConfig
+    tp: Any = cls
+    for part in parts:
+        if get_origin(tp) in (Union, types.UnionType):  # an optional section
+            tp = next((a for a in get_args(tp) if dataclasses.is_dataclass(a)), tp)
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _takes_text(tp: Any) -> bool:
+    """Whether a field of type ``tp`` accepts free text (``str``, ``str | None``)."""
+    if tp is str:
+        return True
+    return get_origin(tp) in (Union, types.UnionType) and str in get_args(tp)
 
 
 def _prefixed(exc: ConfigError, prefix: str) -> ConfigError:
@@ -606,7 +665,7 @@ def build_config(data: dict[str, Any], replaceable: set[str] = frozenset()) -> F
     sections = sorted([f.name for f in dataclasses.fields(FinetuneConfig)] + ["router"])
     unknown = sorted(set(data) - set(sections), key=repr)  # YAML keys may be numbers or null too
     if unknown:
-        raise ConfigError(str(unknown[0]), f"unknown key; valid keys here are: {', '.join(sections)}")
+        raise ConfigError(str(unknown[0]), unknown_key_message(unknown[0], sections))
     mixture = data.pop("mixture", None) or {}
     router = data.pop("router", None)
     if not isinstance(mixture, dict):

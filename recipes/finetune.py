@@ -47,7 +47,7 @@ from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError, LomixError
 from lomix.inject import check_targets_run
 from lomix.quant import prepare_kbit_training
-from lomix.recipes import quantization
+from lomix.recipes import quantization, trackers
 from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
 from lomix.recipes.data import (
@@ -96,6 +96,19 @@ def lr_factor(cfg: TrainConfig):
         return max(0.0, 1.0 - progress)
 
     return factor
+
+
+def logged_rates(param_groups: list[dict[str, Any]]) -> tuple[float, float]:
+    """(lr, router_lr) to log: the experts' and the routers' current rates (`lomix.parameter_groups`
+    names the groups). A stage that freezes the experts has no experts group: ``lr`` is then the
+    largest rate that trains something (the router's), not 0; ``router_lr`` falls back to ``lr``."""
+    rates = {
+        group.get("name", str(i)): float(group["lr"])
+        for i, group in enumerate(param_groups)
+        if any(p.requires_grad for p in group["params"])
+    }
+    lr = rates.get("experts", max(rates.values(), default=0.0))
+    return lr, rates.get("routers", lr)
 
 
 def routing_record(stats: RoutingStats) -> dict[str, Any]:
@@ -217,6 +230,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
 
     cfg = copy.deepcopy(cfg)  # the build resolves the mixture (task names, few-shot start) in the run's copy
     quantization.check(cfg.model, cfg.train)  # a missing bitsandbytes is named before anything loads
+    trackers.prepare(cfg.train)  # so is a missing tracker (accelerate would only warn)
     out = check_output_dir(cfg)
     checkpoint = find_checkpoint(cfg.resume_from) if cfg.resume_from else None
     accelerator = Accelerator(
@@ -506,7 +520,7 @@ def train(run: Run) -> list[dict[str, Any]]:
     stats = RoutingStats(run.unwrapped, training_only=True).__enter__() if cfg.routing_stats else None
     while state.step < cfg.max_steps:
         start = time.perf_counter()
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)}  # this step's
+        lr, router_lr = logged_rates(run.optimizer.param_groups)  # this step's
         group = [next(batches) for _ in range(cfg.grad_accum)]
         counts = torch.tensor(
             [sum(answer_tokens(b) for b in group), sum(int(b["attention_mask"].sum()) for b in group)],
@@ -555,17 +569,15 @@ def train(run: Run) -> list[dict[str, Any]]:
         window["tokens"] += int(counts[1])
         window["seconds"] += seconds
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{step_loss:.4f}", lr=f"{lrs.get('experts', 0.0):.2e}", tok_s=f"{int(counts[1]) / seconds:.0f}"
-        )
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{int(counts[1]) / seconds:.0f}")
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             record = {
                 "step": state.step,
                 "epoch": state.epoch,
                 "loss": window["loss"] / window["steps"] if window["steps"] else math.nan,
                 "aux_loss": float(totals[1]) / world,
-                "lr": lrs.get("experts", 0.0),
-                "router_lr": lrs.get("routers", lrs.get("experts", 0.0)),
+                "lr": lr,
+                "router_lr": router_lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
             }

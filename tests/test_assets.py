@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 
 import pytest
@@ -89,3 +91,39 @@ def test_a_model_folder_without_tokenizer_files_is_one_plain_error(tmp_path):
     with pytest.raises(assets.AssetError, match=r"cannot build its tokenizer") as caught:
         assets.load_model_and_tokenizer(ModelConfig(name_or_path=str(bare)))
     assert "\n" not in str(caught.value)
+
+
+def test_the_gguf_cache_is_keyed_on_the_files_content_not_its_path(monkeypatch, tmp_path):
+    # Each virtual environment installs the same GGUF file at its own path: one cached copy serves all.
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    content = bytes(range(256)) * 9000  # > 2 MiB: spans several reads
+    first, second = tmp_path / "venv1" / "model", tmp_path / "venv2" / "model"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+        (folder / "m.gguf").write_bytes(content)
+    os.utime(second / "m.gguf", ns=(1_000_000_000, 1_000_000_000))  # another install time
+    cached = assets._gguf_cache_folder(first / "m.gguf")
+    assert cached.name == f"m-{hashlib.sha256(content).hexdigest()[:16]}"  # reference: the full digest
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    # the other path is served from the cache: returned before anything is dequantized
+    assert assets.gguf_to_safetensors(str(second), "m.gguf") == cached
+    # other content, same name and size: another copy
+    (second / "m.gguf").write_bytes(content[:-1] + b"\x00")
+    assert assets._gguf_cache_folder(second / "m.gguf") != cached
+
+
+def test_the_gguf_digest_is_remembered_per_path_size_and_mtime(monkeypatch, tmp_path):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" * 1000)
+    digest = assets.gguf_sha256(gguf)
+    assert digest == hashlib.sha256(b"GGUF" * 1000).hexdigest()
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: reads.append(str(path)) or real_open(path, *a, **k))
+    assert assets.gguf_sha256(gguf) == digest and str(gguf) not in reads  # the memo, not a second hash
+    monkeypatch.setattr("builtins.open", real_open)
+    gguf.write_bytes(b"FUGG" * 1000)  # changed in place: same size, new mtime
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))
+    assert assets.gguf_sha256(gguf) == hashlib.sha256(b"FUGG" * 1000).hexdigest()

@@ -79,7 +79,7 @@ def test_unknown_key_lists_valid_keys():
     assert info.value.field == "num_expert"
     assert "num_experts" in str(info.value) and "rank" in str(info.value)
     valid = "bias_update_rate, init_std, jitter, k"
-    with pytest.raises(ConfigError, match=rf"router.kk: unknown key; valid keys here are: {valid}"):
+    with pytest.raises(ConfigError, match=rf"router.kk: unknown key; did you mean 'k'\? valid keys here are: {valid}"):
         lomix.MixtureConfig.from_dict({"router": {"name": "topk", "kk": 1}})
 
 

@@ -439,3 +439,41 @@ def test_the_recipe_updates_the_loss_free_bias_after_each_step_and_resumes_it_ex
     again = load_file(str(tmp_path / "resumed" / "mixture" / "lomix_model.safetensors"))
     for key, bias in biases.items():
         torch.testing.assert_close(again[key], bias, rtol=0, atol=1e-7)
+
+
+def test_a_stage_with_frozen_experts_logs_the_routers_rate_not_zero(assets, tmp_path):
+    # The soft stage of a two-stage method trains only the routers: its optimizer has no experts group.
+    def build_frozen_experts(model, cfg, tasks, data_tasks):
+        finetune.build_mixture(model, cfg, tasks, data_tasks)
+        for _, layer in lomix.mixture_layers(model):
+            layer.experts.requires_grad_(False)
+
+    cfg = config(assets, tmp_path / "run", train={"max_steps": 4, "router_lr": 2e-3})
+    result = run_recipe_with(cfg, build_frozen_experts)
+    factor = finetune.lr_factor(cfg.train)
+    for record in result["records"]:
+        expected = 2e-3 * factor(record["step"] - 1)  # the rate of the step's update, from the schedule
+        assert record["lr"] == pytest.approx(expected) and record["router_lr"] == pytest.approx(expected)
+        assert record["lr"] > 0
+
+
+def run_recipe_with(cfg, build):
+    from accelerate.state import AcceleratorState
+
+    try:
+        return finetune.run(cfg, build=build)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_logged_rates_are_the_experts_and_routers_groups_when_both_train():
+    experts, routers = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    groups = [
+        {"name": "experts", "params": [experts], "lr": 1e-4},
+        {"name": "routers", "params": [routers], "lr": 3e-3},
+    ]
+    assert finetune.logged_rates(groups) == (1e-4, 3e-3)
+    # a group whose parameters are all frozen does not count, whatever its rate
+    assert finetune.logged_rates([{"name": "experts", "params": [frozen], "lr": 0.0}, groups[1]]) == (3e-3, 3e-3)
+    assert finetune.logged_rates([groups[0]]) == (1e-4, 1e-4)

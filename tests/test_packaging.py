@@ -84,3 +84,9 @@ def test_built_wheel_holds_only_the_lomix_package(tmp_path):
         assert required in names
     # BIG-bench examples are built locally, never shipped
     assert not [n for n in names if n.endswith((".jsonl", "task.json"))]
+    # the PyPI page: README.md without relative links (PyPI cannot resolve them; see setup.py)
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    page = zipfile.ZipFile(wheel).read(metadata).decode()
+    assert "Content-Type: text/markdown" in page and "# lomix" in page
+    assert "](docs/" not in page and "](benchmarks/" not in page and "](recipes/" not in page
+    assert "(`docs/methods.md` in the lomix repository)" in page

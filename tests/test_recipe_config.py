@@ -99,6 +99,61 @@ def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "text", ["Q: {input} A:", "{input}", "Question: {input}\nAnswer:", "[{task}] {input} =>", "2024: {input}"]
+)
+def test_a_text_field_override_is_the_raw_text_whatever_its_yaml_reading(text):
+    # {input} alone is a YAML flow mapping, "Q: {input} A:" is invalid YAML, "[...] x" too: the field
+    # wants text, so the text is taken as typed, character for character.
+    cfg = rc.build_config(rc.apply_overrides(minimal(), [f"data.prompt_template={text}"]))
+    assert cfg.data.prompt_template == text
+    assert cfg.data.prompt_template.format(input="x", task="t", choices="") == text.format(input="x", task="t")
+
+
+def test_overrides_keep_yaml_for_what_the_field_wants_and_quoted_text_still_works():
+    data = rc.apply_overrides(
+        minimal(),
+        [
+            "data.prompt_template='Q: {input}'",  # inner quoting: YAML's reading is a string already
+            "train.trackers=[tensorboard]",  # a list field: a YAML list
+            "train.lr=3e-4",  # a number field: a number
+            "train.router_lr=null",  # an optional number: null
+            "model.revision=null",  # an optional text field: null is still null, not "null"
+        ],
+    )
+    cfg = rc.build_config(data)
+    assert cfg.data.prompt_template == "Q: {input}"
+    assert cfg.train.trackers == ["tensorboard"] and cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.router_lr is None and cfg.model.revision is None
+    # a number field given unparsable text still fails as YAML, naming the override
+    with pytest.raises(ConfigError, match=r"^train.lr=\[1: not valid YAML"):
+        rc.apply_overrides(minimal(), ["train.lr=[1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "suggestion"),
+    [
+        ("train.lrr=1e-3", "train.lrr", "lr"),
+        ("trian.lr=1e-3", "trian", "train"),
+        ("mixture.rnak=4", "mixture.rnak", "rank"),
+        ("router.jiter=0.1", "router.jiter", "jitter"),
+        ("data.prompt_templat=x", "data.prompt_templat", "prompt_template"),
+    ],
+)
+def test_a_mistyped_key_suggests_the_nearest_valid_one_on_one_line(override, field, suggestion):
+    with pytest.raises(ConfigError) as info:
+        rc.load_config(None, ["model.name_or_path=m", "data.train=t.jsonl", override])
+    message = str(info.value)
+    assert info.value.field == field and "\n" not in message
+    assert f"did you mean {suggestion!r}?" in message and "valid keys here are" in message
+
+
+def test_a_key_far_from_every_valid_one_gets_no_suggestion():
+    with pytest.raises(ConfigError) as info:
+        rc.load_config(None, ["model.name_or_path=m", "data.train=t.jsonl", "train.zzzzzz=1"])
+    assert "did you mean" not in str(info.value) and "valid keys here are" in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("overrides", "key", "words"),
     [
         (["train.lrr=1e-3"], "train.lrr", ["valid keys", "lr", "router_lr", "warmup_steps"]),
@@ -139,7 +194,8 @@ def test_the_cli_rejects_a_bad_config_before_loading_any_model(tmp_path):
     path.write_text(yaml.safe_dump(minimal()))
     result = lomix_cli("train", str(path), "train.lrr=1e-3")
     assert result.returncode == 2
-    assert "train.lrr: unknown key; valid keys here are:" in result.stderr and "Traceback" not in result.stderr
+    assert "train.lrr: unknown key; did you mean 'lr'? valid keys here are:" in result.stderr
+    assert "Traceback" not in result.stderr
     missing = lomix_cli("train", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "no such config file" in missing.stderr
 
