@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lomix import methods
 from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
 from lomix.recipes import method_config
@@ -353,7 +354,7 @@ class EvalConfig:
 class _RunConfig:
     """A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]`.
 
-    `FinetuneConfig` is this plus one field per method section (`method_config.SECTIONS`).
+    `FinetuneConfig` is this plus one field per method section (`method_sections()`).
     """
 
     model: ModelConfig = field(metadata={"help": "the frozen base model"})
@@ -397,9 +398,14 @@ def _ordered_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in fields if f.name not in _RUN_TAIL] + [f for f in fields if f.name in _RUN_TAIL]
 
 
+def method_sections() -> tuple:
+    """Every method's sections of the run config (``SECTIONS`` of each `lomix.methods.<method>.config`)."""
+    return (*method_config.SECTIONS, *(s for module in methods.modules("config") for s in module.SECTIONS))
+
+
 def _with_method_sections(base: type) -> type:
     sections = [
-        (s.name, s.config, field(default_factory=s.config, metadata={"help": s.help})) for s in method_config.SECTIONS
+        (s.name, s.config, field(default_factory=s.config, metadata={"help": s.help})) for s in method_sections()
     ]
     cls = dataclasses.make_dataclass("FinetuneConfig", sections, bases=(base,))
     cls.__module__ = __name__

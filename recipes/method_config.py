@@ -1,5 +1,6 @@
 """The method sections of the recipe config: few-shot starts, the RLOO estimator, GLIDER's expert
-library, LoRA-Mixer's stages. Plain dataclasses that import nothing from the recipes, so the config
+library (the methods that moved to their own package, `lomix.methods.<method>`,
+keep their sections in its ``config.py``). Plain dataclasses that import nothing from the recipes, so the config
 schema (`lomix.recipes.config`) and the method scripts both import them without a cycle.
 
 `SECTIONS` lists them in the order of a run's config.yaml; `lomix.recipes.config.FinetuneConfig`
@@ -13,6 +14,7 @@ from typing import Literal
 
 from lomix.errors import ConfigError
 from lomix.rloo import check_samples
+from lomix.typed import Section
 
 
 @dataclass
@@ -99,61 +101,6 @@ class LibraryConfig:
             raise ConfigError("library.describe_examples", f"must be >= 1, got {self.describe_examples}")
 
 
-@dataclass
-class LoramixerConfig:
-    """LoRA-Mixer's stages (``lomix loramixer``; ignored by ``lomix train``)."""
-
-    adapters: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "plug-and-play: PEFT LoRA adapters (folders or hub ids namespace/name[@rev]) as the frozen "
-            "experts, expert j = adapters[j]; no hard stage, only the router trains. Empty: train the experts"
-        },
-    )
-    hard_steps: int | None = field(
-        default=None, metadata={"help": "optimizer steps of the hard (label-routed) stage; null: train.max_steps"}
-    )
-    init_from: str | None = field(
-        default=None,
-        metadata={
-            "help": "a finished hard stage (its run folder or mixture folder): skip the hard stage and start the "
-            "soft stage from its experts (e.g. several soft-stage settings from one hard stage)"
-        },
-    )
-    soft_steps: int | None = field(
-        default=None, metadata={"help": "optimizer steps of the soft (router) stage; null: train.max_steps"}
-    )
-    soft_trains_experts: bool = field(
-        default=False, metadata={"help": "also train the experts in the soft stage (default: only the router)"}
-    )
-    targets: Literal["serial", "mixture"] = field(
-        default="serial",
-        metadata={
-            "help": "serial: wrap the attention q/k/v/o projections (and SSM in_proj/out_proj) the model has "
-            "(lomix.loramixer.serial_targets); mixture: mixture.target_modules as given"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("hard_steps", "soft_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"loramixer.{name}", f"must be >= 1 or null, got {value}")
-        if any(not isinstance(a, str) or not a for a in self.adapters):
-            raise ConfigError("loramixer.adapters", f"must be a list of folders or hub ids, got {self.adapters!r}")
-        if self.adapters and self.init_from:
-            raise ConfigError("loramixer.init_from", "give either adapters (plug-and-play) or init_from, not both")
-
-
-@dataclass(frozen=True)
-class Section:
-    """One top-level section of the recipe config that a method owns."""
-
-    name: str
-    config: type
-    help: str
-
-
 SECTIONS = (
     Section(
         "fewshot",
@@ -162,12 +109,7 @@ SECTIONS = (
     ),
     Section("rloo", RlooConfig, "the RLOO estimator (used by routers that sample: remix)"),
     Section("library", LibraryConfig, "GLIDER's expert library (lomix library / lomix glider)"),
-    Section(
-        "loramixer",
-        LoramixerConfig,
-        "LoRA-Mixer's stages and plug-and-play adapters (lomix loramixer; ignored by lomix train)",
-    ),
 )
 
 
-__all__ = ["SECTIONS", "FewshotConfig", "LibraryConfig", "LoramixerConfig", "RlooConfig", "Section"]
+__all__ = ["SECTIONS", "FewshotConfig", "LibraryConfig", "RlooConfig", "Section"]
