@@ -582,10 +582,10 @@ def split(total: int, parts: int) -> list[int]:
 
 
 def lomix_glider(data: Data, mode: Mode, out: Path) -> Trained:
-    from lomix.library import Library
-    from lomix.recipes.glider import add_run, expert_name
-    from lomix.recipes.glider import run as glider_run
-    from lomix.recipes.method_config import LibraryConfig
+    from lomix.methods.glider.config import LibraryConfig
+    from lomix.methods.glider.library import Library
+    from lomix.methods.glider.recipe import add_run, expert_name
+    from lomix.methods.glider.recipe import run as glider_run
 
     # S/2 expert steps and S/2 gate steps in all, shared out over the tasks (the first get the remainder)
     per_expert = split(mode.steps // 2, len(mode.tasks))

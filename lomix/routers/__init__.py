@@ -24,7 +24,6 @@ from .base import (
 )
 from .dense import DenseRouter, DenseRouterConfig
 from .fixed import FixedRouter, FixedRouterConfig
-from .glider import GliderRouter, GliderRouterConfig, PhatgooseRouter, PhatgooseRouterConfig
 from .poly import MHRRouterConfig, PolyRouter, PolyRouterConfig
 from .remix import RemixRouter, RemixRouterConfig
 from .topk import TopKRouter, TopKRouterConfig
@@ -68,4 +67,10 @@ def _import_every_router() -> None:
 _import_every_router()
 
 # the shipped routers that live in a method package, under their old names here
+from lomix.methods.glider.router import (  # noqa: E402
+    GliderRouter,
+    GliderRouterConfig,
+    PhatgooseRouter,
+    PhatgooseRouterConfig,
+)
 from lomix.methods.loramixer.router import LoRAMixerRouter, LoRAMixerRouterConfig  # noqa: E402
