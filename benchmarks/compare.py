@@ -631,7 +631,7 @@ def lomix_trained(
 
     def probe() -> Probe:
         from lomix.methods.loramixer.library import freeze_experts
-        from lomix.recipes.losses import rloo_loss
+        from lomix.methods.remix.hooks import rloo_loss
         from lomix.stats import RoutingStats
 
         fresh = base_model(data)

@@ -13,7 +13,7 @@ answer tokens in the whole global batch (all micro-batches of all processes), so
 batch B x accumulation A computes the same update as P processes with batch B x A / P.
 
 Routers that sample their selection name the gradient estimator that trains them
-(`RouterConfig.estimator`); the loss of a micro-batch then comes from it (`losses.batch_loss_for`:
+(`RouterConfig.estimator`); the loss of a micro-batch then comes from it (`hooks.batch_loss_for`:
 the experts get the answer loss, the router a surrogate). Log records carry each layer's routing
 statistics (``train.routing_stats``).
 
@@ -62,7 +62,8 @@ from lomix.recipes.data import (
 )
 from lomix.recipes.evaluation import evaluate_model, results_table, write_json
 from lomix.recipes.fewshot import build_mixture, resolve_tasks
-from lomix.recipes.losses import answer_loss_sum, answer_tokens, batch_loss_for, forward
+from lomix.recipes.hooks import batch_loss_for
+from lomix.recipes.losses import answer_loss_sum, answer_tokens, forward
 from lomix.stats import RoutingStats
 
 CHECKPOINTS = "checkpoints"

@@ -1,7 +1,6 @@
-"""The method sections of the recipe config not yet in a method package: few-shot starts and the
-RLOO estimator (a method package keeps its sections in its own ``config.py``). Plain dataclasses
-that import nothing from the recipes, so the config schema (`lomix.recipes.config`) imports them
-without a cycle.
+"""The method sections of the recipe config not yet in a method package: few-shot starts (a method
+package keeps its sections in its own ``config.py``). Plain dataclasses that import nothing from the
+recipes, so the config schema (`lomix.recipes.config`) imports them without a cycle.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lomix.rloo import check_samples
 from lomix.typed import Section
 
 
@@ -33,30 +31,13 @@ class FewshotConfig:
     )
 
 
-@dataclass
-class RlooConfig:
-    """RLOO training of routers that sample their selection (remix; METHODS.md section 3)."""
-
-    samples: int = field(
-        default=4,
-        metadata={
-            "help": "M >= 2 selections per example, run as the batch replicated M times in one forward; the "
-            "experts train on the mean loss, the router on the RLOO estimate"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        check_samples(self.samples, "rloo.samples")
-
-
 SECTIONS = (
     Section(
         "fewshot",
         FewshotConfig,
         "few-shot adaptation: start from a trained mixture (MHR-z, MHR-mu, continued training)",
     ),
-    Section("rloo", RlooConfig, "the RLOO estimator (used by routers that sample: remix)"),
 )
 
 
-__all__ = ["SECTIONS", "FewshotConfig", "RlooConfig", "Section"]
+__all__ = ["SECTIONS", "FewshotConfig", "Section"]

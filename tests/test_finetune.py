@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import lomix
 from lomix.errors import CheckpointError, ConfigError
-from lomix.recipes import finetune
+from lomix.recipes import finetune, losses
 from lomix.recipes.config import TrainConfig, build_config
 
 
@@ -322,15 +322,16 @@ def test_an_unreadable_training_state_refuses_to_resume_inexactly(
 
 
 def poisoned_loss(monkeypatch, at_call: int):
-    """answer_loss_sum returns NaN on its ``at_call``-th call (1-based): one call per step here."""
-    original, calls = finetune.answer_loss_sum, []
+    """The training loss (`losses.plain_loss`'s answer_loss_sum) is NaN on its ``at_call``-th call
+    (1-based): one call per step here."""
+    original, calls = losses.answer_loss_sum, []
 
     def poisoned(logits, labels):
         calls.append(1)
         value = original(logits, labels)
         return value * float("nan") if len(calls) == at_call else value
 
-    monkeypatch.setattr(finetune, "answer_loss_sum", poisoned)
+    monkeypatch.setattr(losses, "answer_loss_sum", poisoned)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp_path, run_recipe, monkeypatch):

@@ -8,6 +8,7 @@ import importlib
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import lomix
@@ -63,6 +64,7 @@ SUPPORT = {
     "config",
     "data",
     "evaluation",
+    "hooks",
     "losses",
     "method_config",
     "quantization",
@@ -233,7 +235,9 @@ def _library_level(path: Path) -> bool:
 def test_every_method_package_holds_its_pieces():
     from lomix import methods
     from lomix.cli import catalog
+    from lomix.recipes import hooks
     from lomix.recipes.config import method_sections
+    from lomix.recipes.hooks import TrainingHooks
     from lomix.routers import available_routers, router_class
 
     assert methods.names() == sorted(p.name for p in METHODS_ROOT.iterdir() if (p / "__init__.py").is_file())
@@ -245,9 +249,12 @@ def test_every_method_package_holds_its_pieces():
         for section in method_sections():
             owner = _method_piece(section.config.__module__)
             assert owner is None or owner == (owner[0], "config")
-        cli = importlib.import_module(f"{package}.cli")
-        for recipe in cli.RECIPES:  # its own script is its package's recipe.py
-            assert catalog.recipe_path(recipe) == METHODS_ROOT / name / "recipe.py"
+        if (METHODS_ROOT / name / "cli.py").is_file():
+            for recipe in importlib.import_module(f"{package}.cli").RECIPES:  # its script: its package's recipe.py
+                assert catalog.recipe_path(recipe) == METHODS_ROOT / name / "recipe.py"
+        if (METHODS_ROOT / name / "hooks.py").is_file():
+            assert isinstance(importlib.import_module(f"{package}.hooks").HOOKS, TrainingHooks), name
+    assert hooks.every() and all(isinstance(h, TrainingHooks) for h in hooks.every())
 
 
 def _module_name(path: Path) -> str:
@@ -304,3 +311,17 @@ def test_the_router_registry_finds_method_routers_without_recipe_code():
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True []"
+
+
+def test_a_router_estimator_comes_from_the_method_that_defines_it():
+    from types import SimpleNamespace
+
+    from lomix.errors import ConfigError
+    from lomix.methods.remix import hooks as remix_hooks
+    from lomix.recipes import hooks, losses
+
+    cfg = SimpleNamespace(mixture=lomix.MixtureConfig(num_experts=4, router=lomix.router_config("topk", k=2)))
+    assert hooks.batch_loss_for(cfg) is losses.plain_loss
+    assert hooks.estimator("rloo") is remix_hooks.HOOKS.estimators["rloo"]
+    with pytest.raises(ConfigError, match=r"router\.estimator: no method defines the estimator 'nope'"):
+        hooks.estimator("nope")
