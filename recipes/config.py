@@ -24,7 +24,6 @@ import yaml
 from lomix import methods
 from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
-from lomix.recipes import method_config
 from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
 from lomix.typed import _type_name, field_docs, from_dict, to_dict
 
@@ -400,7 +399,7 @@ def _ordered_fields(cls: type) -> list[dataclasses.Field]:
 
 def method_sections() -> tuple:
     """Every method's sections of the run config (``SECTIONS`` of each `lomix.methods.<method>.config`)."""
-    return (*method_config.SECTIONS, *(s for module in methods.modules("config") for s in module.SECTIONS))
+    return tuple(s for module in methods.modules("config") for s in module.SECTIONS)
 
 
 def _with_method_sections(base: type) -> type:

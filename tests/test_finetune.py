@@ -355,7 +355,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp
 
 
 def test_a_nan_gradient_stops_the_run_even_with_a_finite_loss(assets, tmp_path, run_recipe):
-    from lomix.recipes.fewshot import build_mixture
+    from lomix.recipes.hooks import build_mixture
 
     calls = []
 
@@ -396,7 +396,7 @@ def test_skip_step_leaves_the_weights_of_a_nan_step_unchanged(assets, tmp_path, 
 
 def test_training_refuses_targets_whose_forward_never_runs(assets, tmp_path, run_recipe):
     """Issue 25, item 7, in the recipe: one MLP reads its down_proj's weight instead of calling it."""
-    from lomix.recipes.fewshot import build_mixture
+    from lomix.recipes.hooks import build_mixture
 
     def build(model, *args):
         build_mixture(model, *args)

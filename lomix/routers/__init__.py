@@ -24,7 +24,6 @@ from .base import (
 )
 from .dense import DenseRouter, DenseRouterConfig
 from .fixed import FixedRouter, FixedRouterConfig
-from .poly import MHRRouterConfig, PolyRouter, PolyRouterConfig
 from .topk import TopKRouter, TopKRouterConfig
 
 __all__ = [
@@ -73,4 +72,5 @@ from lomix.methods.glider.router import (  # noqa: E402
     PhatgooseRouterConfig,
 )
 from lomix.methods.loramixer.router import LoRAMixerRouter, LoRAMixerRouterConfig  # noqa: E402
+from lomix.methods.poly.router import MHRRouterConfig, PolyRouter, PolyRouterConfig  # noqa: E402
 from lomix.methods.remix.router import RemixRouter, RemixRouterConfig  # noqa: E402

@@ -1,6 +1,7 @@
-"""The method sections of the recipe config not yet in a method package: few-shot starts (a method
-package keeps its sections in its own ``config.py``). Plain dataclasses that import nothing from the
-recipes, so the config schema (`lomix.recipes.config`) imports them without a cycle.
+"""Poly/MHR's section of the recipe config (``fewshot``): start a run from a trained mixture.
+
+A plain dataclass importing only the library, so the recipe config schema collects it
+(`lomix.methods.modules("config")`) without importing the method's training hooks.
 """
 
 from __future__ import annotations
@@ -39,5 +40,4 @@ SECTIONS = (
     ),
 )
 
-
-__all__ = ["SECTIONS", "FewshotConfig", "Section"]
+__all__ = ["SECTIONS", "FewshotConfig"]
