@@ -22,7 +22,7 @@ import torch
 from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_jsonl
 
 import lomix.atomic
-from lomix.recipes import finetune
+from lomix.recipes import finetune, losses
 from lomix.recipes.config import build_config
 
 STEPS = 8
@@ -55,14 +55,14 @@ def arm(kind: str, occurrence: int) -> None:
 
         finetune.log = cut_log
     elif kind == "step":  # in the middle of a forward pass
-        original_loss = finetune.answer_loss_sum
+        original_loss = losses.answer_loss_sum  # the training loss (losses.plain_loss) calls it
 
         def dying_loss(logits, labels):
             if due():
                 kill_now()
             return original_loss(logits, labels)
 
-        finetune.answer_loss_sum = dying_loss
+        losses.answer_loss_sum = dying_loss
     else:  # at a step of an atomic folder write (lomix.atomic._reached) in a checkpoint or the final save
         inside = [False]
 

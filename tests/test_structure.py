@@ -211,15 +211,20 @@ METHODS_ROOT = ROOT / "methods"
 LIBRARY_LEVEL_FORBIDDEN = ("lomix.recipes", "lomix.cli", "lomix.hub")
 
 
-def _imports(tree: ast.AST) -> set[str]:
-    """Every module imported anywhere in ``tree`` (functions too); ``from a import b`` gives a and a.b."""
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports anywhere (functions too), relative imports resolved;
+    ``from a import b`` gives a and a.b."""
+    name = _module_name(path)
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
     return found
 
 
@@ -261,14 +266,15 @@ def test_every_method_package_holds_its_pieces():
 
 
 def _module_name(path: Path) -> str:
-    """The import name of a file of the four folders (setup.cfg's package_dir)."""
+    """The import name of a file of the five folders (setup.cfg's package_dir)."""
     folder, *rest = path.relative_to(ROOT).with_suffix("").parts
-    prefix = {"lomix": [], "recipes": ["recipes"], "cli": ["cli"], "adapters_hub": ["hub"]}[folder]
+    prefix = {"lomix": [], "recipes": ["recipes"], "cli": ["cli"], "adapters_hub": ["hub"], "methods": ["methods"]}
+    prefix = prefix[folder]
     return ".".join(["lomix", *prefix, *[p for p in rest if p != "__init__"]])
 
 
 def _method_users(path: Path) -> set[tuple[str, str]]:
-    return {p for m in _imports(ast.parse(path.read_text())) if (p := _method_piece(m))}
+    return {p for m in _imports(path) if (p := _method_piece(m))}
 
 
 def test_a_method_lives_only_in_its_package():
@@ -291,7 +297,7 @@ def test_method_library_modules_import_no_recipe_or_cli_code():
     checked = 0
     for path in sorted(METHODS_ROOT.rglob("*.py")):
         if _library_level(path):
-            imports = _imports(ast.parse(path.read_text()))
+            imports = _imports(path)
             checked += 1
             assert not [m for m in imports if m.startswith(LIBRARY_LEVEL_FORBIDDEN)], path
             assert all(piece not in ("hooks", "recipe", "cli") for _, piece in _method_users(path)), path
