@@ -592,7 +592,7 @@ def build_config(data: dict[str, Any], replaceable: set[str] = frozenset()) -> F
     """
     data = dict(data)
     sections = sorted([f.name for f in dataclasses.fields(FinetuneConfig)] + ["router"])
-    unknown = sorted(set(data) - set(sections))
+    unknown = sorted(str(key) for key in set(data) - set(sections))  # YAML keys may be numbers or null
     if unknown:
         raise ConfigError(unknown[0], f"unknown key; valid keys here are: {', '.join(sections)}")
     mixture = data.pop("mixture", None) or {}
