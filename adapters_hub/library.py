@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lomix.atomic import atomic_directory
 from lomix.errors import CorruptFileError
-from lomix.library import LIBRARY_NAME, Library
+from lomix.methods.glider.library import LIBRARY_NAME, Library
 
 from .pull import _download, _snapshot_of, pull
 from .spec import check_relative, parse_spec

@@ -476,8 +476,8 @@ def peft_poly(data: Data, mode: Mode, out: Path) -> Trained:
 def hard_stage(data: Data, mode: Mode, out: Path) -> tuple[Path, list[str]]:
     """LoRA-Mixer's hard stage (S/2 steps, expert j on task j), shared by LoRA-Mixer and X-LoRA,
     and its experts exported as standalone PEFT adapters (one per task)."""
+    from lomix.methods.loramixer.recipe import build_hard, stage_config
     from lomix.recipes import export, finetune
-    from lomix.recipes.loramixer import build_hard, stage_config
 
     run = out / "lomix-loramixer"
     if not (run / "hard" / "mixture").is_dir():
@@ -502,7 +502,7 @@ LORAMIXER = [
 
 
 def lomix_loramixer(data: Data, mode: Mode, out: Path) -> Trained:
-    from lomix.recipes.loramixer import run as loramixer_run
+    from lomix.methods.loramixer.recipe import run as loramixer_run
 
     hard, _ = hard_stage(data, mode, out)
     run = out / "lomix-loramixer"
@@ -582,10 +582,10 @@ def split(total: int, parts: int) -> list[int]:
 
 
 def lomix_glider(data: Data, mode: Mode, out: Path) -> Trained:
-    from lomix.library import Library
-    from lomix.recipes.glider import add_run, expert_name
-    from lomix.recipes.glider import run as glider_run
-    from lomix.recipes.method_config import LibraryConfig
+    from lomix.methods.glider.config import LibraryConfig
+    from lomix.methods.glider.library import Library
+    from lomix.methods.glider.recipe import add_run, expert_name
+    from lomix.methods.glider.recipe import run as glider_run
 
     # S/2 expert steps and S/2 gate steps in all, shared out over the tasks (the first get the remainder)
     per_expert = split(mode.steps // 2, len(mode.tasks))
@@ -630,8 +630,8 @@ def lomix_trained(
     del model
 
     def probe() -> Probe:
-        from lomix.loramixer import freeze_experts
-        from lomix.recipes.losses import rloo_loss
+        from lomix.methods.loramixer.library import freeze_experts
+        from lomix.methods.remix.hooks import rloo_loss
         from lomix.stats import RoutingStats
 
         fresh = base_model(data)

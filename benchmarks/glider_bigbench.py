@@ -7,7 +7,7 @@ several alphas, and the share of tokens routed to each held-in task's own expert
         --expert-lr 3e-3 --gate-steps 10 --train-per-task 40 --test-per-task 6 --batch-size 4 --max-length 128
 
 Steps: (1) the finetune recipe with recipes/configs/glider_expert.yaml once per task (skipped when
-the run exists); (2) `lomix.recipes.glider.add_run` trains each expert's gates and fills the library;
+the run exists); (2) `lomix.methods.glider.recipe.add_run` trains each expert's gates and fills the library;
 (3) in ONE process with the base model loaded once: the base model alone, GLIDER held-in at each
 alpha, and GLIDER held-out (library without the task's expert) at each alpha, on the same test
 examples. Query-task descriptions are the user-written ones below (the same text as the expert's).
@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_experts(args, out: Path) -> dict[str, Path]:
     """One finetune run per task (recipes/configs/glider_expert.yaml), in this process; existing runs are kept."""
+    from lomix.methods.glider.recipe import expert_name
     from lomix.recipes.config import load_config
     from lomix.recipes.finetune import run as finetune
-    from lomix.recipes.glider import expert_name
 
     runs = {}
     for task, description in TASKS.items():
@@ -88,13 +88,13 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     import lomix
-    from lomix.library import Library, load_library, set_glider
+    from lomix.methods.glider.config import LibraryConfig
+    from lomix.methods.glider.library import Library, load_library, set_glider
+    from lomix.methods.glider.recipe import add_run, expert_name, own_expert_share
     from lomix.recipes.assets import load_model_and_tokenizer
     from lomix.recipes.config import BigBenchConfig, DataConfig, EvalConfig, ModelConfig
     from lomix.recipes.data import Formatter, TaskSet, load_examples
     from lomix.recipes.evaluation import evaluate_model
-    from lomix.recipes.glider import add_run, expert_name, own_expert_share
-    from lomix.recipes.method_config import LibraryConfig
 
     out = Path(args.out)
     started = time.perf_counter()

@@ -63,7 +63,7 @@ def lomix_cli(*args: str) -> None:
 
 def histograms(run_dir: Path) -> dict:
     """Per domain: top-1 share and mean probability per expert (mean over layers), mean entropy."""
-    from lomix.loramixer import expert_histogram, set_router
+    from lomix.methods.loramixer.library import expert_histogram, set_router
     from lomix.recipes.routing_report import collect
     from lomix.recipes.runs import load_run, run_examples
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from importlib.resources import files
 from pathlib import Path
@@ -16,8 +17,10 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# One readable script per job (torchtune style); each runs as `python -m lomix.recipes.<name>`.
-RECIPES = ("finetune", "evaluation", "bigbench", "routing_report", "merge", "distill", "export", *methods.recipes())
+# One readable script per job (torchtune style): name -> its module, run as `python -m <module>`
+# (a method's own script lives in its package, `lomix.methods.<method>.recipe`).
+GENERIC = ("finetune", "evaluation", "bigbench", "routing_report", "merge", "distill", "export")
+RECIPES = {**{name: f"lomix.recipes.{name}" for name in GENERIC}, **methods.recipes()}
 
 
 def package_root() -> Path:
@@ -27,6 +30,11 @@ def package_root() -> Path:
 def shipped_configs() -> list[str]:
     root = package_root() / "configs"
     return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The file of the shipped recipe ``name`` (its module is found, not imported)."""
+    return Path(importlib.util.find_spec(RECIPES[name]).origin)
 
 
 def _summary(path: Path) -> str:
@@ -45,7 +53,7 @@ def resolve(name: str) -> Path:
     root = package_root()
     stem = name[:-3] if name.endswith(".py") else name
     if stem in RECIPES:
-        return root / f"{stem}.py"
+        return recipe_path(stem)
     config = name if name.endswith(".yaml") else f"{name}.yaml"
     if config in shipped_configs():
         return root / "configs" / config
@@ -62,7 +70,7 @@ def ls() -> None:
     root = package_root()
     typer.echo("recipes (run with `lomix train CONFIG` / `lomix eval RUN_DIR`, or copy and run the script):")
     for name in RECIPES:
-        typer.echo(f"  {name:<28} {_summary(root / f'{name}.py')}")
+        typer.echo(f"  {name:<28} {_summary(recipe_path(name))}")
     typer.echo("configs:")
     for name in shipped_configs():
         typer.echo(f"  {name:<28} {_summary(root / 'configs' / name)}")
@@ -76,10 +84,12 @@ def cp(
 ) -> None:
     """Copy a shipped recipe or config to DEST, to edit and run it yourself."""
     source = resolve(name)
-    target = dest / source.name if dest.is_dir() else dest
+    stem = name[:-3] if name.endswith(".py") else name
+    filename = f"{stem}.py" if stem in RECIPES else source.name  # a method's recipe.py copies as <method>.py
+    target = dest / filename if dest.is_dir() else dest
     if target.exists() and not force:
         typer.echo(f"error: {target} exists; pass --force to overwrite it", err=True)
         raise typer.Exit(2)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
-    typer.echo(f"copied {source.name} to {target}")
+    typer.echo(f"copied {filename} to {target}")

@@ -146,4 +146,13 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
 
 
-__all__ = ["coerce", "field_docs", "from_dict", "to_dict", "unknown_key_message"]
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One top-level section of the recipe config that a method owns (its package's ``config.SECTIONS``)."""
+
+    name: str
+    config: type
+    help: str
+
+
+__all__ = ["Section", "coerce", "field_docs", "from_dict", "to_dict", "unknown_key_message"]

@@ -21,9 +21,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lomix import methods
 from lomix.config import MixtureConfig
 from lomix.errors import ConfigError
-from lomix.recipes import method_config
 from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
 from lomix.typed import _type_name, coerce, field_docs, from_dict, to_dict, unknown_key_message
 
@@ -370,7 +370,7 @@ class EvalConfig:
 class _RunConfig:
     """A fine-tuning run: `lomix train CONFIG.yaml [key=value ...]`.
 
-    `FinetuneConfig` is this plus one field per method section (`method_config.SECTIONS`).
+    `FinetuneConfig` is this plus one field per method section (`method_sections()`).
     """
 
     model: ModelConfig = field(metadata={"help": "the frozen base model"})
@@ -414,9 +414,14 @@ def _ordered_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in fields if f.name not in _RUN_TAIL] + [f for f in fields if f.name in _RUN_TAIL]
 
 
+def method_sections() -> tuple:
+    """Every method's sections of the run config (``SECTIONS`` of each `lomix.methods.<method>.config`)."""
+    return tuple(s for module in methods.modules("config") for s in module.SECTIONS)
+
+
 def _with_method_sections(base: type) -> type:
     sections = [
-        (s.name, s.config, field(default_factory=s.config, metadata={"help": s.help})) for s in method_config.SECTIONS
+        (s.name, s.config, field(default_factory=s.config, metadata={"help": s.help})) for s in method_sections()
     ]
     cls = dataclasses.make_dataclass("FinetuneConfig", sections, bases=(base,))
     cls.__module__ = __name__
@@ -663,7 +668,7 @@ def build_config(data: dict[str, Any], replaceable: set[str] = frozenset()) -> F
     """
     data = dict(data)
     sections = sorted([f.name for f in dataclasses.fields(FinetuneConfig)] + ["router"])
-    unknown = sorted(set(data) - set(sections), key=repr)  # YAML keys may be numbers or null too
+    unknown = sorted(str(key) for key in set(data) - set(sections))  # YAML keys may be numbers or null
     if unknown:
         raise ConfigError(str(unknown[0]), unknown_key_message(unknown[0], sections))
     mixture = data.pop("mixture", None) or {}

@@ -13,7 +13,7 @@ answer tokens in the whole global batch (all micro-batches of all processes), so
 batch B x accumulation A computes the same update as P processes with batch B x A / P.
 
 Routers that sample their selection name the gradient estimator that trains them
-(`RouterConfig.estimator`); the loss of a micro-batch then comes from it (`losses.batch_loss_for`:
+(`RouterConfig.estimator`); the loss of a micro-batch then comes from it (`hooks.batch_loss_for`:
 the experts get the answer loss, the router a surrogate). Log records carry each layer's routing
 statistics (``train.routing_stats``).
 
@@ -47,7 +47,7 @@ from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError, LomixError
 from lomix.inject import check_targets_run
 from lomix.quant import prepare_kbit_training
-from lomix.recipes import quantization, trackers
+from lomix.recipes import hooks, quantization, trackers
 from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
 from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
 from lomix.recipes.data import (
@@ -61,8 +61,8 @@ from lomix.recipes.data import (
     tokenize,
 )
 from lomix.recipes.evaluation import evaluate_model, results_table, write_json
-from lomix.recipes.fewshot import build_mixture, resolve_tasks
-from lomix.recipes.losses import answer_loss_sum, answer_tokens, batch_loss_for, forward
+from lomix.recipes.hooks import batch_loss_for, build_mixture, resolve_tasks
+from lomix.recipes.losses import answer_loss_sum, answer_tokens, forward
 from lomix.stats import RoutingStats
 
 CHECKPOINTS = "checkpoints"
@@ -256,7 +256,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
 
     if cfg.model.quantized:  # QLoRA-style: fp32 norms, no CPU repacking of 4-bit weights while training
         prepare_kbit_training(model)
-    build(model, cfg, tasks, data_tasks)  # lomix.inject, or a few-shot start (cfg.fewshot)
+    build(model, cfg, tasks, data_tasks)  # lomix.inject, or a method's own start (hooks.build_mixture)
     if cfg.train.gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # the frozen embeddings need no requires_grad trick this way
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -334,7 +334,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
         f"r={cfg.mixture.rank}, router {cfg.mixture.router.name}; {count}\n"
         f"lomix: {len(features)} training examples in {len(tasks.names)} tasks, {steps_per_epoch} steps per epoch, "
         f"global batch {global_batch}, {accelerator.num_processes} process(es)"
-        + (f"; few-shot {cfg.fewshot.method} from {cfg.fewshot.init_from}" if cfg.fewshot.init_from else "")
+        + hooks.describe(cfg)
         + (f"; resuming from {checkpoint} at step {state.step}" if checkpoint else "")
     )
     return run

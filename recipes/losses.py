@@ -1,10 +1,10 @@
-"""The recipes' losses: the answer-token cross-entropy of a wrapped causal LM, and its RLOO form.
+"""The recipes' losses: the answer-token cross-entropy of a wrapped causal LM, per batch or per row.
 
 Batches come from `lomix.recipes.data.Collator` (left-padded; ``labels`` are -100 outside the
 answers). Shared by the finetune recipe, GLIDER's gate training, distillation and the benchmarks.
 
-`batch_loss_for(cfg)` is the loss a training step uses: plain backpropagation through the gates,
-or the gradient estimator the router names (`RouterConfig.estimator`, from `ESTIMATORS`).
+`plain_loss` is a training step's loss for routers trained through their gates; a router that
+names a gradient estimator gets its loss from a method's training hooks (`lomix.recipes.hooks`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-import lomix.rloo
 from lomix.recipes.data import IGNORE_INDEX
 
 
@@ -35,22 +34,6 @@ def answer_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
     ).sum(1)
-
-
-def rloo_loss(model: torch.nn.Module, batch: dict[str, Any], samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer loss, RLOO surrogate) of a micro-batch run with ``samples`` selections per example.
-
-    The batch is replicated ``samples`` times in ONE forward. The answer loss is the mean over the
-    selections of the summed answer-token loss (what the experts train on, comparable with
-    `answer_loss_sum`); the surrogate's gradient is the RLOO estimate of the router gradient of the
-    same summed loss, with each example's loss under each selection as the reward (lomix.rloo).
-    """
-    rows = batch["input_ids"].shape[0] * samples
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    with lomix.rloo.recording(inner):
-        per_row = answer_loss_rows(*forward(model, lomix.rloo.replicate(batch, samples)))
-        log_q = lomix.rloo.selection_log_prob(inner, rows)
-    return per_row.sum() / samples, lomix.rloo.rloo_surrogate(per_row, log_q, samples)
 
 
 def answer_tokens(batch: dict[str, Any]) -> int:
@@ -88,29 +71,15 @@ BatchLoss = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, torc
 """(model, micro-batch) -> (summed answer loss, surrogate): the experts train on the first, the
 router on the gradient of the sum (the surrogate is 0 for routers trained through their gates)."""
 
-# estimator name (RouterConfig.estimator) -> the recipe config -> its batch loss
-ESTIMATORS: dict[str, Callable[[Any], BatchLoss]] = {
-    "rloo": lambda cfg: lambda model, batch: rloo_loss(model, batch, cfg.rloo.samples),
-}
-
 
 def plain_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
     return answer_loss_sum(*forward(model, batch)), 0.0
 
 
-def batch_loss_for(cfg: Any) -> BatchLoss:
-    """The batch loss of a run whose recipe config is ``cfg`` (a `FinetuneConfig`)."""
-    estimator = cfg.mixture.router.estimator
-    return plain_loss if estimator is None else ESTIMATORS[estimator](cfg)
-
-
 __all__ = [
-    "ESTIMATORS",
     "answer_loss_rows",
     "answer_loss_sum",
     "answer_tokens",
-    "batch_loss_for",
     "forward",
     "plain_loss",
-    "rloo_loss",
 ]

@@ -55,7 +55,7 @@ def arm(kind: str, occurrence: int) -> None:
 
         finetune.log = cut_log
     elif kind == "step":  # in the middle of a forward pass
-        original_loss = losses.answer_loss_sum  # the training loss lives in recipes/losses.py
+        original_loss = losses.answer_loss_sum  # the training loss (losses.plain_loss) calls it
 
         def dying_loss(logits, labels):
             if due():

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import lomix
 from lomix.errors import CheckpointError, ConfigError
-from lomix.recipes import finetune
+from lomix.recipes import finetune, losses
 from lomix.recipes.config import TrainConfig, build_config
 
 
@@ -322,9 +322,8 @@ def test_an_unreadable_training_state_refuses_to_resume_inexactly(
 
 
 def poisoned_loss(monkeypatch, at_call: int):
-    """answer_loss_sum returns NaN on its ``at_call``-th call (1-based): one call per step here."""
-    from lomix.recipes import losses
-
+    """The training loss (`losses.plain_loss`'s answer_loss_sum) is NaN on its ``at_call``-th call
+    (1-based): one call per step here."""
     original, calls = losses.answer_loss_sum, []
 
     def poisoned(logits, labels):
@@ -332,7 +331,7 @@ def poisoned_loss(monkeypatch, at_call: int):
         value = original(logits, labels)
         return value * float("nan") if len(calls) == at_call else value
 
-    monkeypatch.setattr(losses, "answer_loss_sum", poisoned)  # the training loss (recipes/losses.py)
+    monkeypatch.setattr(losses, "answer_loss_sum", poisoned)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp_path, run_recipe, monkeypatch):
@@ -356,7 +355,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp
 
 
 def test_a_nan_gradient_stops_the_run_even_with_a_finite_loss(assets, tmp_path, run_recipe):
-    from lomix.recipes.fewshot import build_mixture
+    from lomix.recipes.hooks import build_mixture
 
     calls = []
 
@@ -397,7 +396,7 @@ def test_skip_step_leaves_the_weights_of_a_nan_step_unchanged(assets, tmp_path, 
 
 def test_training_refuses_targets_whose_forward_never_runs(assets, tmp_path, run_recipe):
     """Issue 25, item 7, in the recipe: one MLP reads its down_proj's weight instead of calling it."""
-    from lomix.recipes.fewshot import build_mixture
+    from lomix.recipes.hooks import build_mixture
 
     def build(model, *args):
         build_mixture(model, *args)

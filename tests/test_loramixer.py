@@ -15,7 +15,7 @@ from hubdata import save_peft_adapter
 import lomix
 import lomix.hub
 from lomix.errors import ConfigError, RoutingError, TargetModulesNotFoundError
-from lomix.loramixer import (
+from lomix.methods.loramixer.library import (
     freeze_experts,
     freeze_unrouted_experts,
     mixer_config,

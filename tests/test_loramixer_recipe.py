@@ -15,8 +15,8 @@ from tiny_assets import run_assets, tiny_config, write_config
 
 import lomix
 from lomix.errors import ConfigError
+from lomix.methods.loramixer import recipe
 from lomix.recipes import finetune
-from lomix.recipes import loramixer as recipe
 from lomix.recipes.config import build_config
 
 LOMIX = str(Path(sys.executable).with_name("lomix"))

@@ -17,19 +17,30 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
 
 
-def test_namespace_resolves_to_the_four_folders_outside_the_repository(tmp_path):
+def test_namespace_resolves_to_the_five_folders_outside_the_repository(tmp_path):
     # From another directory the repository root is not on sys.path: only what is installed imports.
     result = run_python(
-        "import lomix, lomix.hub, lomix.recipes, lomix.cli; "
-        "print(lomix.__file__, lomix.hub.__file__, lomix.recipes.__file__, lomix.cli.__file__, sep='\\n')",
+        "import lomix, lomix.hub, lomix.recipes, lomix.cli, lomix.methods; print(lomix.__file__, lomix.hub.__file__, "
+        "lomix.recipes.__file__, lomix.cli.__file__, lomix.methods.__file__, sep='\\n')",
         tmp_path,
     )
     assert result.returncode == 0, result.stderr
     files = [Path(line) for line in result.stdout.split()]
-    assert [f.parent.name for f in files] == ["lomix", "adapters_hub", "recipes", "cli"]
+    assert [f.parent.name for f in files] == ["lomix", "adapters_hub", "recipes", "cli", "methods"]
 
 
-@pytest.mark.parametrize("generic", ["cli", "recipes", "adapters_hub"])
+def test_setup_cfg_lists_every_method_package():
+    """setup.cfg names packages one by one: a method package missing there would not be installed."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    packages = set(config["options"]["packages"].split())
+    methods = {f"lomix.methods.{p.parent.name}" for p in (ROOT / "methods").glob("*/__init__.py")}
+    assert methods and methods | {"lomix.methods"} <= packages
+
+
+@pytest.mark.parametrize("generic", ["cli", "recipes", "adapters_hub", "methods"])
 def test_generic_top_level_names_are_not_installed(tmp_path, generic):
     result = run_python(f"import {generic}", tmp_path)
     assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr
@@ -73,6 +84,9 @@ def test_built_wheel_holds_only_the_lomix_package(tmp_path):
         "lomix/recipes/__init__.py",
         "lomix/kernels/__init__.py",
         "lomix/recipes/finetune.py",
+        "lomix/methods/__init__.py",
+        "lomix/methods/loramixer/router.py",
+        "lomix/methods/loramixer/recipe.py",
         "lomix/recipes/configs/quickstart.yaml",
         "lomix/recipes/configs/accelerate/ddp.yaml",
         "lomix/recipes/configs/accelerate/fsdp.yaml",

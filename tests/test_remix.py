@@ -12,8 +12,8 @@ from torch import nn
 import lomix
 import lomix.rloo
 from lomix.errors import ConfigError, RoutingError
+from lomix.methods.remix.router import gumbel_top_k, sequential_log_prob
 from lomix.routers import build_router
-from lomix.routers.remix import gumbel_top_k, sequential_log_prob
 from lomix.routing import RoutingContext
 from lomix.stats import RoutingStats
 

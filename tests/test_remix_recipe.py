@@ -11,6 +11,7 @@ import torch
 from tiny_assets import run_assets, tiny_config
 
 import lomix
+from lomix.methods.remix.hooks import rloo_loss
 from lomix.recipes import finetune, losses
 from lomix.recipes.config import build_config
 from lomix.recipes.evaluation import whole_sequences
@@ -55,7 +56,7 @@ def test_rloo_loss_trains_experts_on_the_mean_loss_and_routers_on_the_surrogate(
             layer.experts.B.normal_(std=0.3)
     batch = next(iter(run.loader))
     torch.manual_seed(0)
-    token_sum, surrogate = losses.rloo_loss(run.model, batch, 3)
+    token_sum, surrogate = rloo_loss(run.model, batch, 3)
     routers = [p for layer in layers for p in layer.router.parameters()]
     experts = [p for layer in layers for p in layer.experts.parameters()]
     # the experts' loss is the mean over the 3 selections of the summed answer loss

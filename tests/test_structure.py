@@ -4,9 +4,11 @@ with getattr), and the recipes form a tree (support modules never import a recip
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import lomix
@@ -65,8 +67,8 @@ SUPPORT = {
     "config",
     "data",
     "evaluation",
+    "hooks",
     "losses",
-    "method_config",
     "quantization",
     "runs",
 }
@@ -164,7 +166,11 @@ def test_the_cli_and_the_package_import_without_torch():
     assert set(lomix.__all__) <= set(dir(lomix))
     probe = "import lomix; print(lomix.mhr.__name__, lomix.checkpoint.read_config.__module__, hasattr(lomix, 'nope'))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["lomix.mhr", "lomix.checkpoint", "False"]  # submodules resolve on use
+    assert result.stdout.split() == [
+        "lomix.methods.poly.mhr",
+        "lomix.checkpoint",
+        "False",
+    ]  # (lomix.mhr: an alias) submodules resolve
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,3 +205,135 @@ def test_the_method_name_probe_sees_a_method_name():
 
 def test_generic_files_name_no_method():
     assert [hit for name in GENERIC_FILES for hit in method_names(ROOT / name)] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# A method is one package: lomix.methods.<method> (methods/<method>/) holds its pieces
+
+METHODS_ROOT = ROOT / "methods"
+LIBRARY_LEVEL_FORBIDDEN = ("lomix.recipes", "lomix.cli", "lomix.hub")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports anywhere (functions too), relative imports resolved;
+    ``from a import b`` gives a and a.b."""
+    name = _module_name(path)
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return found
+
+
+def _method_piece(module: str) -> tuple[str, str] | None:
+    """(method, piece) of a ``lomix.methods.<method>.<piece>`` module name, else None."""
+    parts = module.split(".")
+    if len(parts) >= 4 and parts[:2] == ["lomix", "methods"]:
+        return parts[2], parts[3]
+    return None
+
+
+def _library_level(path: Path) -> bool:
+    return path.stem not in ("hooks", "recipe", "cli")
+
+
+def test_every_method_package_holds_its_pieces():
+    from lomix import methods
+    from lomix.cli import catalog
+    from lomix.recipes import hooks
+    from lomix.recipes.config import method_sections
+    from lomix.recipes.hooks import TrainingHooks
+    from lomix.routers import available_routers, router_class
+
+    assert methods.names() == sorted(p.name for p in METHODS_ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert methods.names()  # the probe below sees packages
+    for name in methods.names():
+        package = f"lomix.methods.{name}"
+        routers = [r for r in available_routers() if router_class(r).__module__.startswith(package + ".")]
+        assert routers and {router_class(r).__module__ for r in routers} == {f"{package}.router"}, name
+        for section in method_sections():
+            owner = _method_piece(section.config.__module__)
+            assert owner is None or owner == (owner[0], "config")
+        if (METHODS_ROOT / name / "cli.py").is_file():
+            for recipe in importlib.import_module(f"{package}.cli").RECIPES:  # its script: its package's recipe.py
+                assert catalog.recipe_path(recipe) == METHODS_ROOT / name / "recipe.py"
+        if (METHODS_ROOT / name / "hooks.py").is_file():
+            assert isinstance(importlib.import_module(f"{package}.hooks").HOOKS, TrainingHooks), name
+    assert hooks.every() and all(isinstance(h, TrainingHooks) for h in hooks.every())
+
+
+def _module_name(path: Path) -> str:
+    """The import name of a file of the five folders (setup.cfg's package_dir)."""
+    folder, *rest = path.relative_to(ROOT).with_suffix("").parts
+    prefix = {"lomix": [], "recipes": ["recipes"], "cli": ["cli"], "adapters_hub": ["hub"], "methods": ["methods"]}
+    prefix = prefix[folder]
+    return ".".join(["lomix", *prefix, *[p for p in rest if p != "__init__"]])
+
+
+def _method_users(path: Path) -> set[tuple[str, str]]:
+    return {p for m in _imports(path) if (p := _method_piece(m))}
+
+
+def test_a_method_lives_only_in_its_package():
+    """Outside methods/, a file imports a method's modules only to keep an old import path alive (an
+    alias: importing it gives the package's module itself) or to name the shipped routers in lomix.routers.
+    (The hub, a layer beside the recipes, may use a method's library-level modules: it pulls GLIDER's
+    expert libraries.)"""
+    aliases = [
+        path
+        for path in _python_files("lomix", "recipes", "cli")
+        if path != ROOT / "lomix" / "routers" / "__init__.py" and _method_users(path)
+    ]
+    assert aliases  # the probe sees the aliases that keep the old paths
+    for path in aliases:
+        module = importlib.import_module(_module_name(path))
+        assert _method_piece(module.__name__), f"{path.relative_to(ROOT)} uses a method's code without being an alias"
+
+
+def test_method_library_modules_import_no_recipe_or_cli_code():
+    checked = 0
+    for path in sorted(METHODS_ROOT.rglob("*.py")):
+        if _library_level(path):
+            imports = _imports(path)
+            checked += 1
+            assert not [m for m in imports if m.startswith(LIBRARY_LEVEL_FORBIDDEN)], path
+            assert all(piece not in ("hooks", "recipe", "cli") for _, piece in _method_users(path)), path
+    assert checked >= 3
+    # below the methods, the library and the recipes reach a method's library-level pieces only (aliases aside)
+    for path in _python_files("lomix", "recipes"):
+        if not _method_piece(importlib.import_module(_module_name(path)).__name__):
+            assert all(piece not in ("hooks", "recipe", "cli") for _, piece in _method_users(path)), path
+
+
+def test_the_router_registry_finds_method_routers_without_recipe_code():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, lomix.routers as r; from lomix import methods; "
+        "print(all(m in r.available_routers() for m in methods.names()), "
+        "sorted(m for m in sys.modules if m.startswith(('lomix.recipes', 'lomix.cli', 'lomix.hub')) "
+        "or m.startswith('lomix.') and m.endswith(('.hooks', '.recipe', '.cli'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True []"
+
+
+def test_a_router_estimator_comes_from_the_method_that_defines_it():
+    from types import SimpleNamespace
+
+    from lomix.errors import ConfigError
+    from lomix.methods.remix import hooks as remix_hooks
+    from lomix.recipes import hooks, losses
+
+    cfg = SimpleNamespace(mixture=lomix.MixtureConfig(num_experts=4, router=lomix.router_config("topk", k=2)))
+    assert hooks.batch_loss_for(cfg) is losses.plain_loss
+    assert hooks.estimator("rloo") is remix_hooks.HOOKS.estimators["rloo"]
+    with pytest.raises(ConfigError, match=r"router\.estimator: no method defines the estimator 'nope'"):
+        hooks.estimator("nope")

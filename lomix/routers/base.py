@@ -239,6 +239,9 @@ def router_config_from_dict(data: dict[str, Any] | RouterConfig, path: str = "ro
         raise ConfigError(path, f"expected a mapping with a 'name' (one of: {', '.join(available_routers())})")
     fields = dict(data)
     name = fields.pop("name")
+    if not isinstance(name, str):
+        known = ", ".join(available_routers())
+        raise ConfigError(f"{path}.name", f"expected a router name (one of: {known}), got {name!r}")
     cls = router_class(name).config_class
     return from_dict(cls, fields, path)
 

@@ -1,5 +1,5 @@
 """``lomix library`` (build an expert library) and ``lomix glider`` (route over one): thin fronts over
-lomix.recipes.glider and lomix.library."""
+lomix.methods.glider.recipe and lomix.methods.glider.library."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from pathlib import Path
 
 import typer
 
+from lomix.cli.commands import fail
 from lomix.errors import LomixError
-
-from ..commands import fail
 
 RECIPES = ("glider",)  # recipe scripts this method ships (`lomix recipes ls`)
 
@@ -36,9 +35,9 @@ def add(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace experts of the same name."),
 ) -> None:
     """Train each run's PHATGOOSE gates on its own training data (expert frozen) and add it to LIBRARY."""
-    from lomix.library import Library
-    from lomix.recipes.glider import add_run
-    from lomix.recipes.method_config import LibraryConfig
+    from lomix.methods.glider.config import LibraryConfig
+    from lomix.methods.glider.library import Library
+    from lomix.methods.glider.recipe import add_run
 
     try:
         if description and len(runs) > 1:
@@ -71,9 +70,9 @@ def add_peft(
 ) -> None:
     """Add a third-party PEFT LoRA as a frozen expert (zero gates: GLIDER routes to it by its description)."""
     from lomix.hub.errors import BaseModelMismatchError
-    from lomix.library import Library
+    from lomix.methods.glider.library import Library
+    from lomix.methods.glider.recipe import add_peft as add
     from lomix.recipes.config import ModelConfig
-    from lomix.recipes.glider import add_peft as add
 
     try:
         lib = Library.open(library, create=True)
@@ -91,7 +90,7 @@ def add_peft(
 @app.command("ls")
 def ls(library: Path = typer.Argument(..., help="The library folder.")) -> None:
     """List a library's experts: name, gate steps, description, source."""
-    from lomix.library import Library
+    from lomix.methods.glider.library import Library
 
     try:
         lib = Library.open(library)
@@ -111,8 +110,8 @@ def glider(
     Writes OUTPUT_DIR/: config.yaml, tasks.json, mixture/, eval.json, routing.json (share of tokens routed to
     each task's own expert). Re-evaluate with `lomix eval OUTPUT_DIR router.alpha=3 --task-description ...`.
     """
+    from lomix.methods.glider.recipe import run
     from lomix.recipes.config import load_config
-    from lomix.recipes.glider import run
 
     try:
         run(load_config(config, overrides or []))

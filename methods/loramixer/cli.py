@@ -1,4 +1,4 @@
-"""``lomix loramixer``: a thin typed front over lomix.recipes.loramixer (LoRA-Mixer's stages)."""
+"""``lomix loramixer``: a thin typed front over lomix.methods.loramixer.recipe (LoRA-Mixer's stages)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ from pathlib import Path
 
 import typer
 
+from lomix.cli.commands import fail
 from lomix.errors import LomixError
-
-from ..commands import fail
 
 RECIPES = ("loramixer",)  # recipe scripts this method ships (`lomix recipes ls`)
 
@@ -27,7 +26,7 @@ def loramixer(
     Writes OUTPUT_DIR/hard/ and OUTPUT_DIR/soft/ (each a finetune run folder; soft/mixture is the
     result) and OUTPUT_DIR/loramixer.json.
     """
-    from lomix.recipes import loramixer as recipe
+    from lomix.methods.loramixer import recipe
     from lomix.recipes.config import load_config
 
     try:
