@@ -175,3 +175,19 @@ def cpu_path(request):
     pytest.importorskip("bitsandbytes")
     with bnb_cpu_path(request.param) as path:
         yield path
+
+
+@pytest.fixture
+def run_recipe():
+    """Run the finetune recipe in this process; accelerate's process-wide state is reset after each run."""
+    from accelerate.state import AcceleratorState
+
+    from lomix.recipes import finetune
+
+    def call(cfg):
+        try:
+            return finetune.run(cfg)
+        finally:
+            AcceleratorState._reset_state(True)
+
+    return call

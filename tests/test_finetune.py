@@ -17,20 +17,6 @@ from lomix.recipes import finetune, losses
 from lomix.recipes.config import TrainConfig, build_config
 
 
-@pytest.fixture
-def run_recipe():
-    """Run the recipe in this process; accelerate's process-wide state is reset after each run."""
-    from accelerate.state import AcceleratorState
-
-    def call(cfg):
-        try:
-            return finetune.run(cfg)
-        finally:
-            AcceleratorState._reset_state(True)
-
-    return call
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")

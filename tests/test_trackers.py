@@ -13,20 +13,6 @@ from lomix.recipes import assets, finetune, trackers
 from lomix.recipes.config import build_config
 
 
-@pytest.fixture
-def run_recipe():
-    """Run the recipe in this process; accelerate's process-wide state is reset after each run."""
-    from accelerate.state import AcceleratorState
-
-    def call(cfg):
-        try:
-            return finetune.run(cfg)
-        finally:
-            AcceleratorState._reset_state(True)
-
-    return call
-
-
 def config(tmp_path, **train):
     model = make_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "train.jsonl", tiny_rows(0, 8))
