@@ -10,11 +10,13 @@ type says what was expected, an impossible value names its dotted key (``train.l
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import re
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -690,6 +692,20 @@ def build_config(data: dict[str, Any], replaceable: set[str] = frozenset()) -> F
         raise _prefixed(exc, "mixture") from None
     data["mixture"] = mixture_config
     return from_dict(FinetuneConfig, data)
+
+
+def recipe_main(
+    run: Callable[[FinetuneConfig], Any], argv: list[str] | None, *, doc: str | None, config: str, example: str
+) -> Any:
+    """The command line every recipe script shares: ``CONFIG [key=value ...]`` -> ``run(load_config(...))``.
+
+    ``doc``: the script's docstring (its --help text); ``config``: what CONFIG is; ``example``: overrides.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help=config)
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    return run(load_config(args.config, args.overrides))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:

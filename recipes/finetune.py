@@ -26,7 +26,6 @@ from (seed, epoch) and skips the batches already taken, so it continues exactly.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -49,7 +48,7 @@ from lomix.inject import check_targets_run
 from lomix.quant import prepare_kbit_training
 from lomix.recipes import hooks, quantization, trackers
 from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
-from lomix.recipes.config import FinetuneConfig, TrainConfig, load_config
+from lomix.recipes.config import FinetuneConfig, TrainConfig, recipe_main
 from lomix.recipes.data import (
     Collator,
     EpochSampler,
@@ -711,11 +710,9 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="a YAML config (see `lomix recipes ls`)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-4 router.k=3")
-    args = parser.parse_args(argv)
-    return run(load_config(args.config, args.overrides))
+    return recipe_main(
+        run, argv, doc=__doc__, config="a YAML config (see `lomix recipes ls`)", example="train.lr=2e-4 router.k=3"
+    )
 
 
 if __name__ == "__main__":

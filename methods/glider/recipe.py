@@ -21,7 +21,6 @@ share of tokens whose top-k includes that expert and its share of the gate mass,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -37,7 +36,7 @@ from lomix.errors import ConfigError, LomixError
 from lomix.methods.glider.config import LibraryConfig
 from lomix.methods.glider.library import Library, gate_parameters, load_library, prepare_gate_training
 from lomix.recipes.assets import load_model_and_tokenizer
-from lomix.recipes.config import FinetuneConfig, ModelConfig, load_config
+from lomix.recipes.config import FinetuneConfig, ModelConfig, recipe_main
 from lomix.recipes.data import Collator, Example, Formatter, TaskSet, load_examples, task_set, tokenize
 from lomix.recipes.evaluation import evaluate_model, results_table, select_examples, write_json
 from lomix.recipes.finetune import check_output_dir, write_text
@@ -338,11 +337,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="a glider config (recipes/configs/glider.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. router.alpha=100 library.path=LIB")
-    args = parser.parse_args(argv)
-    return run(load_config(args.config, args.overrides))
+    return recipe_main(
+        run,
+        argv,
+        doc=__doc__,
+        config="a glider config (recipes/configs/glider.yaml)",
+        example="router.alpha=100 library.path=LIB",
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ both goes to ``output_dir/loramixer.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -39,7 +38,7 @@ from lomix.errors import ConfigError
 from lomix.methods.loramixer.config import LoramixerConfig
 from lomix.methods.loramixer.library import freeze_experts, serial_targets, set_router
 from lomix.recipes import finetune
-from lomix.recipes.config import FinetuneConfig, load_config
+from lomix.recipes.config import FinetuneConfig, recipe_main
 from lomix.recipes.data import TaskSet
 
 
@@ -147,11 +146,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="a YAML config with the loramixer router (recipes/configs/loramixer.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loramixer.hard_steps=20 router.k=2")
-    args = parser.parse_args(argv)
-    return run(load_config(args.config, args.overrides))
+    return recipe_main(
+        run,
+        argv,
+        doc=__doc__,
+        config="a YAML config with the loramixer router (recipes/configs/loramixer.yaml)",
+        example="loramixer.hard_steps=20 router.k=2",
+    )
 
 
 if __name__ == "__main__":
