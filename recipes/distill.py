@@ -1,6 +1,6 @@
 """Recovery after merging: a short distillation of the merged mixture from the unmerged one.
 
-MC-SMoE's optional recovery (METHODS.md section 5): the student (the merged mixture) trains on the
+MC-SMoE's optional recovery (Li et al., ICLR 2024, arXiv:2310.01334): the student (the merged mixture) trains on the
 run's own training data with
 
     loss = CE(student, answer) + kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))

@@ -1,4 +1,4 @@
-"""GLIDER in the recipes (METHODS.md section 4): an expert library built from per-task finetune runs,
+"""GLIDER in the recipes (Li et al. 2024, arXiv:2410.07172): an expert library built from per-task finetune runs,
 third-party PEFT LoRAs added to it, task descriptions written by a local LM, and GLIDER over it.
 
     # 1. one LoRA expert per task, with the finetune recipe

@@ -1,4 +1,4 @@
-"""LoRA-Mixer as recipe stages over the finetune recipe (METHODS.md section 2).
+"""LoRA-Mixer as recipe stages over the finetune recipe (Li et al. 2025, arXiv:2507.00029).
 
     lomix loramixer recipes/configs/loramixer.yaml                       # hard stage, then soft stage
     lomix loramixer recipes/configs/loramixer.yaml loramixer.adapters='[./a, user/b-lora, ./c]'   # plug-and-play
