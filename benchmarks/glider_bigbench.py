@@ -1,6 +1,7 @@
 """GLIDER on BIG-bench with SmolLM2-135M: one LoRA expert per task, PHATGOOSE gates, then accuracy on
 held-in tasks (every expert in the library) and held-out tasks (the task's own expert left out) for
-several alphas, and the share of tokens routed to each held-in task's own expert.
+several alphas, and the share of tokens routed to each held-in task's own expert; and the same for
+Arrow (training-free routing from each expert's top right-singular vector) over the same library.
 
     python benchmarks/glider_bigbench.py --out runs/glider-bench              # the full measurement
     python benchmarks/glider_bigbench.py --out runs/glider-bench-reduced --expert-steps 10 \\
@@ -9,8 +10,9 @@ several alphas, and the share of tokens routed to each held-in task's own expert
 Steps: (1) the finetune recipe with recipes/configs/glider_expert.yaml once per task (skipped when
 the run exists); (2) `lomix.methods.glider.recipe.add_run` trains each expert's gates and fills the library;
 (3) in ONE process with the base model loaded once: the base model alone, GLIDER held-in at each
-alpha, and GLIDER held-out (library without the task's expert) at each alpha, on the same test
-examples. Query-task descriptions are the user-written ones below (the same text as the expert's).
+alpha, and GLIDER held-out (library without the task's expert) at each alpha, then Arrow held-in and
+held-out (``--arrow-k``, 0 skips it), on the same test examples. GLIDER at alpha 0 is PHATGOOSE.
+Query-task descriptions are the user-written ones below (the same text as the expert's).
 Prints a markdown table and writes OUT/results.json.
 """
 
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 3.0, 100.0])
+    parser.add_argument("--arrow-k", type=int, default=2, help="Arrow's experts per token (0: no Arrow column)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -146,16 +149,29 @@ def main() -> None:
             results["held_out"].setdefault(alpha, {}).update(accuracy(rows))
         lomix.eject(model)
         print(f"held-out {task} done", flush=True)
+    if args.arrow_k:
+        arrow = lomix.router_config("arrow", k=args.arrow_k)
+        load_library(model, library, router=arrow)
+        results["held_in"]["arrow"] = accuracy(test)
+        results["own_share"]["arrow"] = own_expert_share(model, formatter, test, tasks, experts=library.names())
+        lomix.eject(model)
+        for task in TASKS:
+            load_library(model, library, router=arrow, exclude=[expert_name(task)])
+            results["held_out"].setdefault("arrow", {}).update(accuracy([e for e in test if e.task == task]))
+            lomix.eject(model)
+        print("arrow done", flush=True)
     results["seconds"] = time.perf_counter() - started
     results["load_average"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(table(results, args.alphas))
+    print(table(results, args.alphas + (["arrow"] if args.arrow_k else [])))
 
 
-def table(results: dict, alphas: list[float]) -> str:
+def table(results: dict, alphas: list) -> str:
+    """Columns per router setting: GLIDER's alphas (numbers; alpha 0 = PHATGOOSE) and "arrow"."""
+    names = [a if isinstance(a, str) else f"a={a:g}" for a in alphas]
     header = ["task", "n", "chance", "base"]
-    header += [f"held-in a={a:g}" for a in alphas] + [f"held-out a={a:g}" for a in alphas]
-    header += [f"own share a={a:g}" for a in alphas]
+    header += [f"held-in {a}" for a in names] + [f"held-out {a}" for a in names]
+    header += [f"own share {a}" for a in names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = results["base"]
     sums = [0.0] * (len(header) - 3)

@@ -85,15 +85,8 @@ def layer_figures(layers: dict) -> dict:
 
 
 def accuracy(eval_json: dict) -> tuple[float, int]:
-    """(mean accuracy over tasks, number of test examples) from a run's eval.json."""
-    tasks = eval_json["tasks"] if "tasks" in eval_json else eval_json
-    scores, count = [], 0
-    for task, entry in tasks.items():
-        if not isinstance(entry, dict) or "accuracy" not in entry:
-            continue
-        scores.append(entry["accuracy"])
-        count += int(entry.get("n", entry.get("examples", 0)))
-    return statistics.fmean(scores), count
+    """(mean score over tasks, number of test examples) from a run's eval.json."""
+    return eval_json["mean"]["score"], eval_json["mean"]["n"]
 
 
 def summarize(run: Path) -> dict:

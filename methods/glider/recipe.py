@@ -252,15 +252,27 @@ def resolve_descriptions(cfg: FinetuneConfig, tasks: TaskSet, train: Sequence[Ex
 
 @torch.no_grad()
 def own_expert_share(
-    model: torch.nn.Module, formatter: Formatter, examples: Sequence[Example], tasks: TaskSet, batch_size: int = 8
+    model: torch.nn.Module,
+    formatter: Formatter,
+    examples: Sequence[Example],
+    tasks: TaskSet,
+    batch_size: int = 8,
+    experts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Per test task whose own expert is in the mixture: the share of (token, layer) routings whose
     top-k includes the own expert ("load"), and its share of the gate mass, averaged over the layers
-    where the expert is present. Prompt and answer tokens count, padding does not."""
-    experts = list(model.lomix_state.config.router.experts)
+    where the expert is present. Prompt and answer tokens count, padding does not.
+
+    ``experts``: the mixture's expert names in order; default: the GLIDER router's (a library loaded
+    with another router, such as Arrow, has to say them)."""
+    experts = list(experts if experts is not None else model.lomix_state.config.router.experts)
     collate = Collator(formatter.tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    present = {name: layer.router.present.cpu() for name, layer in lomix.mixture_layers(model)}
+    # A router without per-layer presence flags (not GLIDER's) routes over every expert in every layer.
+    present = {
+        name: getattr(layer.router, "present", torch.ones(len(experts), dtype=torch.bool)).cpu()
+        for name, layer in lomix.mixture_layers(model)
+    }
     result: dict[str, Any] = {}
     for task in tasks.names:
         own = expert_name(task)
