@@ -105,8 +105,10 @@ def summarize(run: Path) -> dict:
         "train_last_window": layer_figures(last_window["routing"]),
         "overrides": VARIANTS[run.name],
     }
-    if (run / "eval_before.json").is_file():
-        out["base_accuracy"] = accuracy(json.loads((run / "eval_before.json").read_text()))[0]
+    for base in ("eval_base.json", "eval_before.json"):  # the base model's result (older runs: eval_before)
+        if (run / base).is_file():
+            out["base_accuracy"] = accuracy(json.loads((run / base).read_text()))[0]
+            break
     return out
 
 
