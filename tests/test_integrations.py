@@ -205,3 +205,48 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_mixture(tmp_path):
     current = lomix.checkpoint.mixture_state_dict(model)
     assert all(torch.equal(current[key], saved[key]) for key in saved)
     assert any(not torch.equal(saved[key], final[key]) for key in saved)
+
+
+def test_trl_sft_trainer_trains_a_task_routed_mixture_that_reloads_exactly(tmp_path):
+    """TRL's SFTTrainer (prompt/completion rows, its own tokenisation and collator) with the mixture
+    trainer: task ids reach Poly's rows, and the saved folder (mixture + tokenizer) reloads exactly."""
+    from datasets import Dataset
+    from tiny_assets import make_model_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    base_dir = make_model_dir(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    config = lomix.MixtureConfig(
+        target_modules=["q_proj", "v_proj"], num_experts=4, rank=2, router=lomix.router_config("poly", n_tasks=3)
+    )
+    lomix.inject(model, config)
+    start = [layer.router.logits.detach().clone() for _, layer in lomix.mixture_layers(model)]
+    data = Dataset.from_dict(
+        {"prompt": ["repeat apple", "repeat river"] * 4, "completion": [" apple", " river"] * 4, "task_ids": [1] * 8}
+    )
+    args = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        bf16=False,  # TRL's default is bf16 autocast, which stays on the trained model's forward
+    )
+    trainer = mixture_trainer(SFTTrainer)(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    for (_, layer), before in zip(lomix.mixture_layers(model), start, strict=True):
+        moved = (layer.router.logits.detach() - before).abs().amax(dim=(1, 2))
+        assert moved[1] > 1e-4 and moved[0] == 0 and moved[2] == 0
+    trainer.save_model(str(tmp_path / "out"))
+    reloaded = lomix.from_pretrained(tmp_path / "out")  # the base named in the metadata: base_dir
+    ids = torch.tensor([tokenizer.encode("repeat apple")])
+    model.eval()
+    with lomix.routing_context(model, task_ids=[1]), lomix.routing_context(reloaded, task_ids=[1]):
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert reloaded.lomix_state.tokenizer.encode("repeat apple") == ids[0].tolist()
