@@ -52,7 +52,9 @@ class RoutingCollator:
     def __init__(self, collator: Callable[[list[Any]], Mapping[str, Any]]):
         self.collator = collator
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> Any:
+        if not all(isinstance(row, Mapping) for row in rows):  # rows of another shape: nothing to take out
+            return self.collator(rows)
         fields: dict[str, list[Any]] = {}
         stripped = []
         for row in rows:

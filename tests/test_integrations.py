@@ -250,3 +250,28 @@ def test_trl_sft_trainer_trains_a_task_routed_mixture_that_reloads_exactly(tmp_p
     with lomix.routing_context(model, task_ids=[1]), lomix.routing_context(reloaded, task_ids=[1]):
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert reloaded.lomix_state.tokenizer.encode("repeat apple") == ids[0].tolist()
+
+
+def test_the_routing_collator_batches_the_routing_fields_and_passes_the_rest():
+    from lomix.integrations import RoutingCollator
+
+    seen = []
+
+    def inner(rows):
+        seen.append(rows)
+        return {"input_ids": torch.tensor([row["input_ids"] for row in rows])}
+
+    collate = RoutingCollator(inner)
+    rows = [
+        {"input_ids": [1, 2], "task_ids": 2, "task_descriptions": "add", "task_embeddings": [0.5, 1.0]},
+        {"input_ids": [3, 4], "task_ids": 0, "task_descriptions": "echo", "task_embeddings": [2.0, 0.0]},
+    ]
+    batch = collate(rows)
+    assert seen[-1] == [{"input_ids": [1, 2]}, {"input_ids": [3, 4]}]
+    assert torch.equal(batch["task_ids"], torch.tensor([2, 0])) and batch["task_ids"].dtype == torch.long
+    assert torch.equal(batch["task_embeddings"], torch.tensor([[0.5, 1.0], [2.0, 0.0]]))
+    assert batch["task_descriptions"] == ["add", "echo"]
+    assert torch.equal(batch["input_ids"], torch.tensor([[1, 2], [3, 4]]))
+    with pytest.raises(lomix.ConfigError, match="task_ids: 1 of the batch's 2 rows lack this column"):
+        collate([rows[0], {"input_ids": [5, 6]}])
+    assert RoutingCollator(list)([[7, 8]]) == [[7, 8]]  # rows that are not mappings pass through
