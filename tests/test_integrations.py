@@ -162,6 +162,7 @@ def test_routers_trained_by_sampling_are_refused(tmp_path):
         mixture_trainer(Trainer)(model=build_pair(MODEL_CASES["llama"])[0], args=_args(tmp_path))
 
 
+@pytest.mark.slow
 def test_resume_from_a_mixture_checkpoint_is_exact(tmp_path):
     from transformers import Trainer
 
