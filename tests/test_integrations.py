@@ -132,6 +132,37 @@ def test_the_optimised_loss_includes_the_balance_losses(tmp_path):
         assert (after - (start.detach() - lr * grad_ce)).abs().max() > 1e-4  # the balance term mattered
 
 
+def test_the_balance_losses_are_averaged_over_gradient_accumulation(tmp_path):
+    """Two micro-batches of the same 2 rows: the step's gradient is grad(CE) + grad(one micro-batch's
+    balance losses), not twice the balance term (the Trainer leaves a token-normalised loss undivided)."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    switch, lr = 1.0, 0.5
+    model, _ = _mixture(jitter=0.0, balance={"switch": switch})
+    reference, _ = _mixture(jitter=0.0, balance={"switch": switch})
+    reference.train()
+    row = _rows(1)[0]
+    data = Dataset.from_list([row] * 4)
+    batch = {key: torch.tensor([row[key]] * 2) for key in ("input_ids", "attention_mask", "labels")}
+    total, _ = _hand_loss(reference, batch, switch, 0.0)
+    routers = [layer.router.weight for _, layer in lomix.mixture_layers(reference)]
+    grads = torch.autograd.grad(total, routers)
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        optim="sgd",
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+    )
+    mixture_trainer(Trainer)(model=model, args=args, train_dataset=data).train()
+    for (_, layer), start, grad in zip(lomix.mixture_layers(model), routers, grads, strict=True):
+        torch.testing.assert_close(layer.router.weight.detach(), start.detach() - lr * grad, atol=1e-6, rtol=1e-5)
+
+
 def test_task_ids_reach_the_router_through_the_trainer(tmp_path):
     """Poly routes by task id: a plain Trainer drops the column (the router then refuses the batch);
     the mixture trainer keeps it, and only the trained task's routing row moves."""
