@@ -17,6 +17,8 @@ What a plain Trainer gets wrong with a mixture, and the trainer class here adds:
   model's forward signature, so ``remove_unused_columns`` would drop them; here they are kept, and
   `RoutingCollator` takes them out of the rows before the data collator pads the rest and puts them
   back as one batch field (routers that route by task need them);
+- quantized bases: transformers refuses to fine-tune a "purely quantized" model; a 4-bit or 8-bit
+  base that holds a mixture is accepted;
 - saving needs nothing: ``model.save_pretrained`` of an injected model writes the mixture
   (`lomix.pretrained`); resuming (``resume_from_checkpoint``) and ``load_best_model_at_end`` read
   a checkpoint's mixture back.
@@ -28,8 +30,9 @@ trains them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +94,35 @@ def check_trainable(model: nn.Module) -> None:
         )
 
 
+@contextlib.contextmanager
+def _trainable_adapters_declared(model: Any) -> Iterator[None]:
+    """While the Trainer is built, a quantized base that holds a mixture says it has trainable
+    adapters (transformers' flag for its own PEFT integration): the Trainer refuses to fine-tune "purely
+    quantized models", which a mixture over a 4-bit or 8-bit base is not. The flag is restored after."""
+    if getattr(model, "lomix_state", None) is None or not getattr(model, "is_quantized", False):
+        yield
+        return
+    before = model.__dict__.get("_hf_peft_config_loaded", _UNSET)
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if before is _UNSET:
+            del model._hf_peft_config_loaded
+        else:
+            model._hf_peft_config_loaded = before
+
+
+_UNSET = object()
+
+
 class MixtureTrainerMixin:
     """What `mixture_trainer` adds to a `transformers.Trainer` subclass (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        with _trainable_adapters_declared(model):
+            super().__init__(*args, **kwargs)
         check_trainable(self.accelerator.unwrap_model(self.model))
         if not isinstance(self.data_collator, RoutingCollator):
             self.data_collator = RoutingCollator(self.data_collator)

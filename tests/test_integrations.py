@@ -307,3 +307,34 @@ def test_the_routing_collator_batches_the_routing_fields_and_passes_the_rest():
     with pytest.raises(lomix.ConfigError, match="task_ids: 1 of the batch's 2 rows lack this column"):
         collate([rows[0], {"input_ids": [5, 6]}])
     assert RoutingCollator(list)([[7, 8]]) == [[7, 8]]  # rows that are not mappings pass through
+
+
+def test_a_mixture_over_a_4bit_base_trains_with_the_trainer(tmp_path):
+    """transformers refuses to fine-tune a "purely quantized" model; a 4-bit base with a mixture is not one."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer
+
+    torch.manual_seed(0)
+    # every quantized dimension a multiple of the 4-bit block size (64)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+
+    def quantized_base():
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32, quantization_config=quant)
+
+    mixture = lomix.MixtureConfig(target_modules=["q_proj", "v_proj"], num_experts=2, rank=2)
+    model = lomix.inject(quantized_base(), mixture)
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=model, args=_args(tmp_path), train_dataset=_rows())
+    trainer = mixture_trainer(Trainer)(model=model, args=_args(tmp_path), train_dataset=_rows())
+    assert "_hf_peft_config_loaded" not in model.__dict__  # transformers' flag only while the trainer is built
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    inputs = {"input_ids": torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))}
+    model.eval()
+    reloaded = lomix.load(quantized_base(), tmp_path / "out").eval()
+    assert any(float(layer.experts.B.abs().max()) > 0 for _, layer in lomix.mixture_layers(reloaded))
+    assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
