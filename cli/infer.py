@@ -14,6 +14,10 @@ from .commands import fail
 
 RUN = typer.Argument(..., help="A run folder from `lomix train` (or its mixture/ folder).")
 TASK_HELP = "Route as this task (name or id from the run's tasks.json); needed by runs whose router routes by task."
+DESCRIPTION_HELP = (
+    "The task's description for routers that route by description (default: the --task's description from "
+    "tasks.json); with no --task, a description alone (a task the run never trained on)."
+)
 
 
 def _options(max_new_tokens: int, sample: bool, temperature: float, top_p: float, top_k: int, seed: int, raw: bool):
@@ -38,6 +42,7 @@ RAW = typer.Option(
 def chat(
     run_dir: Path = RUN,
     task: str | None = typer.Option(None, "--task", help=TASK_HELP),
+    task_description: str | None = typer.Option(None, "--task-description", help=DESCRIPTION_HELP),
     max_new_tokens: int = MAX_NEW_TOKENS,
     sample: bool = SAMPLE,
     temperature: float = TEMPERATURE,
@@ -59,7 +64,7 @@ def chat(
     try:
         options = _options(max_new_tokens, sample, temperature, top_p, top_k, seed, raw)
         run = inference.open_run(run_dir)
-        route = inference.route(run, task)
+        route = inference.route(run, task, description=task_description)
     except LomixError as exc:
         raise fail(exc) from None
     streamer = TextStreamer(run.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -79,8 +84,11 @@ def chat(
             continue
         if not message:
             continue
-        ids = inference.chat_ids(run, turns, message, route, raw)
-        answer = inference.generate(run, [ids], [route], options, streamer=streamer)[0]
+        try:
+            ids = inference.chat_ids(run, turns, message, route, raw)
+            answer = inference.generate(run, [ids], [route], options, streamer=streamer)[0]
+        except LomixError as exc:  # e.g. a router that needs what the command line did not give
+            raise fail(exc) from None
         turns.append((message, run.tokenizer.decode(answer, skip_special_tokens=True)))
 
 
@@ -88,10 +96,16 @@ def generate(
     run_dir: Path = RUN,
     prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
     input_file: Path | None = typer.Option(
-        None, "--input", "-i", help='JSONL prompts: one object per line with "prompt" and optionally "task".'
+        None,
+        "--input",
+        "-i",
+        help='JSONL prompts: one object per line with "prompt" and optionally "task", "task_description".',
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="JSONL file to write (default: stdout)."),
     task: str | None = typer.Option(None, "--task", help=TASK_HELP + ' A row\'s own "task" wins.'),
+    task_description: str | None = typer.Option(
+        None, "--task-description", help=DESCRIPTION_HELP + ' A row\'s own "task_description" wins.'
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generate call (left-padded)."),
     max_new_tokens: int = MAX_NEW_TOKENS,
     sample: bool = SAMPLE,
@@ -116,7 +130,7 @@ def generate(
         rows = [{"prompt": text} for text in prompt] if prompt else inference.read_prompts(input_file)
         options = _options(max_new_tokens, sample, temperature, top_p, top_k, seed, raw)
         run = inference.open_run(run_dir)
-        results = inference.generate_rows(run, rows, options, task, batch_size)
+        results = inference.generate_rows(run, rows, options, task, batch_size, task_description)
         if out is None:
             for row in results:
                 typer.echo(json.dumps(row, ensure_ascii=False))

@@ -48,11 +48,12 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class Route:
-    """The task a prompt is routed as: its id (the router's row) and name/description."""
+    """What a prompt is routed by: a task of the run (its id, the router's row, and name) and/or a
+    task description (for routers that route by description)."""
 
-    id: int
+    id: int | None
     name: str
-    description: str
+    description: str | None
 
 
 def run_folder(path: str | Path) -> Path:
@@ -71,14 +72,17 @@ def needs_task(run: LoadedRun) -> bool:
     return bool(run.model.lomix_state.config.router.task_rows)
 
 
-def route(run: LoadedRun, task: str | int | None, field: str = "--task") -> Route | None:
-    """The `Route` of ``task`` (a name or an id of the run's tasks), or None when none is given and
-    the run's router does not route by task."""
+def route(
+    run: LoadedRun, task: str | int | None, field: str = "--task", description: str | None = None
+) -> Route | None:
+    """The `Route` of ``task`` (a name or an id of the run's tasks; its description from the run's
+    tasks.json unless ``description`` is given), a description alone, or None when neither is given
+    and the run's router does not route by task."""
     names = run.tasks.names
     if task is None or task == "":
         if needs_task(run):
             raise ConfigError(field, f"this run's router routes by task: name one of {', '.join(names)} (or its id)")
-        return None
+        return None if description is None else Route(None, "", description)
     text = str(task)
     if text in names:
         index = names.index(text)
@@ -87,7 +91,8 @@ def route(run: LoadedRun, task: str | int | None, field: str = "--task") -> Rout
     else:
         known = f"{', '.join(names)} (or ids 0-{len(names) - 1})"
         raise ConfigError(field, f"unknown task {text!r}; this run's tasks are: {known}")
-    return Route(index, names[index], run.tasks.descriptions.get(names[index], names[index]))
+    name = names[index]
+    return Route(index, name, description if description is not None else run.tasks.descriptions.get(name, name))
 
 
 def _user_text(run: LoadedRun, text: str, task: Route | None, raw: bool) -> str:
@@ -156,8 +161,10 @@ def generate(
         settings.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
         torch.manual_seed(options.seed)
     routing: dict[str, Any] = {}
-    if any(r is not None for r in routes):
-        routing = {"task_ids": [r.id for r in routes], "task_descriptions": [r.description for r in routes]}
+    if routes and all(r is not None and r.id is not None for r in routes):
+        routing["task_ids"] = [r.id for r in routes]
+    if routes and all(r is not None and r.description is not None for r in routes):
+        routing["task_descriptions"] = [r.description for r in routes]
     with lomix.routing_context(model, **routing):
         out = model.generate(input_ids=ids, attention_mask=mask, **settings)
     answers = []
@@ -168,7 +175,8 @@ def generate(
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; each an object with a text ``prompt`` (and optionally ``task``)."""
+    """Rows of a JSONL file; each an object with a text ``prompt`` (and optionally ``task``,
+    ``task_description``)."""
     if not path.is_file():
         raise ConfigError("--input", f"{path}: no such file")
     rows = []
@@ -188,19 +196,33 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
 
 
 def generate_rows(
-    run: LoadedRun, rows: Sequence[dict[str, Any]], options: GenerationOptions, task: str | None, batch_size: int
+    run: LoadedRun,
+    rows: Sequence[dict[str, Any]],
+    options: GenerationOptions,
+    task: str | None,
+    batch_size: int,
+    description: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Each row with its ``completion`` (text) and ``new_tokens`` (count), in order; a row's ``task``
-    overrides ``task``."""
+    and ``task_description`` override ``task`` and ``description``."""
     options.check()
     if batch_size < 1:
         raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
     routes = [
-        route(run, row["task"], f"row {i + 1}: task") if "task" in row else route(run, task)
+        route(
+            run,
+            row.get("task", task),
+            f"row {i + 1}: task" if "task" in row else "--task",
+            row.get("task_description", description),
+        )
         for i, row in enumerate(rows)
     ]
-    if len({r is None for r in routes}) > 1:
-        raise ConfigError("task", "either every row has a task (a row's own or --task) or none does")
+    if len({(r is None or r.id is None, r is None or r.description is None) for r in routes}) > 1:
+        raise ConfigError(
+            "task",
+            "rows differ in what they route by: every row or none has a task (its own or --task), and the same "
+            "for task descriptions",
+        )
     encoded = [prompt_ids(run, row["prompt"], r, options.raw) for row, r in zip(rows, routes, strict=True)]
     for start in range(0, len(rows), batch_size):
         stop = start + batch_size

@@ -140,3 +140,50 @@ def test_chat_streams_answers_keeps_the_conversation_and_resets(run, reference, 
     assert prompts[1] == tokenizer(template, add_special_tokens=False)["input_ids"]
     assert len(prompts) == 3 and prompts[2] == prompts[0] and len(prompts[1]) > len(prompts[0])
     assert "/reset" in result.stderr and "(new conversation)" in result.stderr
+
+
+def test_generate_routes_each_row_by_its_task_and_description(run, reference, tmp_path, monkeypatch):
+    run_dir, _ = run
+    _, _, tasks = reference
+    descriptions = json.loads((run_dir / "tasks.json").read_text())["descriptions"]
+    seen = []
+    routing_context = lomix.routing_context
+
+    def recording(model, **fields):
+        seen.append(fields)
+        return routing_context(model, **fields)
+
+    monkeypatch.setattr(lomix, "routing_context", recording)
+    rows = [{"prompt": "repeat apple", "task_description": "say the word again"}, {"prompt": "is 4 even or odd"}]
+    source = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    args = ["generate", str(run_dir), "--input", str(source), "--task", "parity", "--max-new-tokens", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen == [
+        {
+            "task_ids": [tasks.index("parity")] * 2,
+            "task_descriptions": ["say the word again", descriptions["parity"]],
+        }
+    ]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "task": "echo"}, {"prompt": "b"}])
+    refused = CliRunner().invoke(app, ["generate", str(run_dir), "--input", str(mixed)])
+    assert refused.exit_code == 2 and "--task: this run's router routes by task" in refused.stderr
+
+
+def test_rows_must_agree_on_what_they_route_by():
+    """A run whose router takes task ids but does not need them: some rows with a task, some without, is refused."""
+    from types import SimpleNamespace
+
+    from lomix.recipes.data import TaskSet
+    from lomix.recipes.inference import GenerationOptions, generate_rows
+
+    router = SimpleNamespace(task_rows=[])
+    fake = SimpleNamespace(
+        tasks=TaskSet(["a", "b"], {"a": "a", "b": "b"}),
+        model=SimpleNamespace(lomix_state=SimpleNamespace(config=SimpleNamespace(router=router))),
+    )
+    rows = [{"prompt": "x", "task": "b"}, {"prompt": "y"}]
+    with pytest.raises(lomix.ConfigError, match="rows differ in what they route by"):
+        next(generate_rows(fake, rows, GenerationOptions(), None, 2))
+    with pytest.raises(lomix.ConfigError, match="row 1: task: unknown task 'c'"):
+        next(generate_rows(fake, [{"prompt": "x", "task": "c"}], GenerationOptions(), None, 2))
