@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from . import catalog, commands, methods, tools
+from . import catalog, commands, infer, methods, tools
 from .hub import hub_app
 
 app = typer.Typer(
@@ -70,6 +70,8 @@ app.command("eval")(commands.evaluate)
 app.command("inspect")(tools.inspect)
 app.command("merge")(tools.merge)
 app.command("export")(tools.export)
+app.command("chat")(infer.chat)
+app.command("generate")(infer.generate)
 methods.register(app)  # each method's own verbs (cli/methods/)
 app.add_typer(catalog.app, name="recipes")
 app.add_typer(hub_app, name="hub", help="Pull and push PEFT LoRA adapters and lomix mixtures (hub or folders).")

@@ -5,6 +5,8 @@ model = lomix.inject(model, lomix.MixtureConfig(target_modules=["q_proj", "v_pro
 loss = model(**batch).loss + lomix.aux_loss(model)
 lomix.save(model, "run/mixture")
 model = lomix.load(base_model, "run/mixture")
+model.save_pretrained("out")                  # the same format (Trainer.save_model calls it)
+model = lomix.from_pretrained("out")         # the base named in its metadata, with the mixture
 
 The names below are imported on first use (PEP 562), so ``import lomix`` (and the ``lomix``
 command's ``--help``) does not import torch until a name that needs it is asked for.
@@ -60,6 +62,7 @@ _EXPORTS = {
     "average_skills": "mhr",
     "train_only_task_rows": "mhr",
     "after_optimizer_step": "params",
+    "from_pretrained": "pretrained",
     "attach_optimizer": "params",
     "parameter_groups": "params",
     "Router": "routers",

@@ -57,15 +57,24 @@ def base_model_info(model: nn.Module) -> dict[str, str]:
     }
 
 
-def save(model: nn.Module, directory: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    metadata: dict[str, str] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``model``'s mixture to ``directory`` atomically; returns the folder.
 
     Other files already in the folder are kept; the two lomix files are replaced together.
+    ``tensors``: the mixture's tensors when they come from elsewhere than the model's own modules
+    (a state dict gathered from sharded processes); the same keys as `mixture_state_dict`.
     """
     state = getattr(model, "lomix_state", None)
     if state is None:
         raise LomixError(f"{type(model).__name__} holds no lomix mixture; nothing to save")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in mixture_state_dict(model).items()}
+    tensors = mixture_state_dict(model) if tensors is None else tensors
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": "lomix", "format_version": FORMAT_VERSION, "lomix_version": __version__}
     meta.update(base_model_info(model))
     meta.update(metadata or {})
@@ -195,6 +204,17 @@ def load(base_model: nn.Module, directory: str | Path, *, trainable: bool = Fals
         for param in base_model.parameters():
             param.requires_grad_(False)
     return base_model
+
+
+def load_weights_into(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Copy the tensors of the mixture saved in ``directory`` into ``model``'s mixture, which must
+    already hold the same modules and shapes (resuming training from a checkpoint); returns ``model``."""
+    if getattr(model, "lomix_state", None) is None:
+        raise LomixError(f"{type(model).__name__} holds no lomix mixture to load {directory} into")
+    directory = Path(directory)
+    tensors, _ = read_weights(directory)
+    _load_tensors(directory, model, tensors)
+    return model
 
 
 def describe(directory: str | Path) -> dict[str, Any]:

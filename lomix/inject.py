@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import pretrained
 from .config import MixtureConfig
 from .errors import LomixError, TargetModulesNotFoundError, TargetNotCalledError
 from .layer import MixtureLinear, linear_dims
@@ -30,6 +31,8 @@ class LomixState:
     context: ContextHolder
     hook: torch.utils.hooks.RemovableHandle
     requires_grad_before: dict[str, bool]
+    tokenizer: Any = None
+    """The tokenizer ``model.save_pretrained`` writes beside the mixture when it is given none."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,9 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
     Afterwards only expert and router parameters are trainable. The model's forward accepts the
     routing keywords ``task_ids``, ``task_descriptions`` and ``task_embeddings`` (taken out before
     the base model sees them) and reads its attention mask: they form the `RoutingContext` every
-    layer sees during that call. Returns ``model``.
+    layer sees during that call. The model also gets PEFT's model methods (`lomix.pretrained`):
+    ``save_pretrained`` writes the mixture in the lomix format (so `transformers.Trainer.save_model`
+    does too), ``disable_adapter()``, ``print_trainable_parameters()``. Returns ``model``.
     """
     if getattr(model, "lomix_state", None) is not None:
         raise LomixError(f"{type(model).__name__} already holds a lomix mixture; load or inject into a fresh model")
@@ -138,6 +143,7 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
         param.requires_grad_(id(param) in trainable)
     hook = model.register_forward_pre_hook(_context_pre_hook(holder), with_kwargs=True)
     model.lomix_state = LomixState(config, holder, hook, requires_grad_before)
+    pretrained.bind(model)  # save_pretrained, disable_adapter ... (what Trainer and PEFT users call)
     count = count_parameters(model)
     (logger.warning if verbose else logger.info)("lomix: wrapped %d modules; %s", len(targets), count)
     fused = fused_expert_parameters(model, config)
@@ -231,6 +237,7 @@ def eject(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base_layer)
     state.hook.remove()
+    pretrained.unbind(model)
     del model.lomix_state
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
