@@ -18,9 +18,9 @@ Reported per variant:
   training);
 - the coefficient of variation (std / mean) of the expert load per layer: mean, median and max over
   layers, at evaluation and over the last training window;
-- the step time relative to topk: the median over the log records of tokens/s, topk's over the
-  variant's. The runs are sequential, not alternating, so on a shared machine this ratio carries the
-  load of the moment; benchmarks/model_step.py is the protocol for timing claims.
+- the training throughput of each run (median tokens/s of its log records) is kept in the JSON but not
+  tabulated: the runs are sequential, not alternating, so on a shared machine it carries the load of
+  the moment. The step-time ratios to topk come from benchmarks/router_step.py (alternating rounds).
 
 Writes benchmarks/results/router_quickstart_cpu.{json,md} (or --results).
 """
@@ -81,6 +81,11 @@ def layer_figures(layers: dict) -> dict:
         "load_cv_median": statistics.median(cvs),
         "load_cv_max": max(cvs),
         "layers": len(cvs),
+        # fraction of tokens using 0, 1, ..., E experts, averaged over the layers
+        "experts_per_token_histogram": [
+            statistics.fmean(column)
+            for column in zip(*(v["experts_per_token_histogram"] for v in layers.values()), strict=True)
+        ],
     }
 
 
@@ -116,8 +121,8 @@ def table(results: dict[str, dict]) -> str:
     ref = results["topk"]
     lines = [
         "| router | overrides | accuracy (95% CI) | vs topk | experts/token eval (train) | "
-        "eff. support eval (train) | load CV per layer eval: mean / max (train mean) | step time / topk |",
-        "|---|---|---|---|---|---|---|---|",
+        "eff. support eval (train) | load CV per layer eval: mean / max (train mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         e, t = r["eval"], r["train_last_window"]
@@ -125,9 +130,18 @@ def table(results: dict[str, dict]) -> str:
             f"| {name} | {' '.join(r['overrides']) or '(as shipped)'} | {r['accuracy']:.3f} (+-{r['ci95']:.3f}) | "
             f"{r['accuracy'] - ref['accuracy']:+.3f} | {e['experts_per_token']:.2f} ({t['experts_per_token']:.2f}) | "
             f"{e['effective_support']:.2f} ({t['effective_support']:.2f}) | "
-            f"{e['load_cv_mean']:.2f} / {e['load_cv_max']:.2f} ({t['load_cv_mean']:.2f}) | "
-            f"{ref['tokens_per_s_median'] / r['tokens_per_s_median']:.2f} |"
+            f"{e['load_cv_mean']:.2f} / {e['load_cv_max']:.2f} ({t['load_cv_mean']:.2f}) |"
         )
+    lines += ["", "Experts per token: fraction of tokens using 0, 1, 2, ... (mean over layers; evaluation, and training "
+        "where it differs)", ""]
+    width = len(ref["eval"]["experts_per_token_histogram"])
+    lines.append("| router | " + " | ".join(str(i) for i in range(width)) + " |")
+    lines.append("|---|" + "---|" * width)
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{f:.3f}" for f in r["eval"]["experts_per_token_histogram"]) + " |")
+        train = r["train_last_window"]["experts_per_token_histogram"]
+        if max(abs(a - b) for a, b in zip(train, r["eval"]["experts_per_token_histogram"], strict=True)) > 0.05:
+            lines.append(f"| {name} (training) | " + " | ".join(f"{f:.3f}" for f in train) + " |")
     return "\n".join(lines)
 
 
@@ -158,9 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     text = (
         f"# Token routers on the quickstart (SmolLM2-135M-Instruct, CPU, {payload['machine']['date']})\n\n"
         f"Command: `python benchmarks/router_quickstart.py --runs {args.runs}`; one seed (0); "
-        f"test set 6 tasks x 40 examples; base model accuracy {base if base is None else f'{base:.3f}'}.\n\n"
-        + table(results)
-        + "\n"
+        f"test set 6 tasks x 40 examples; base model accuracy {base if base is None else f'{base:.3f}'}. "
+        "The interval is the test-set noise of one run (normal approximation): differences smaller than it "
+        "are not evidence either way.\n\n" + table(results) + "\n"
     )
     Path(f"{args.results}.md").write_text(text)
     print(text)
