@@ -132,8 +132,8 @@ def table(results: dict[str, dict]) -> str:
             f"{e['effective_support']:.2f} ({t['effective_support']:.2f}) | "
             f"{e['load_cv_mean']:.2f} / {e['load_cv_max']:.2f} ({t['load_cv_mean']:.2f}) |"
         )
-    lines += ["", "Experts per token: fraction of tokens using 0, 1, 2, ... (mean over layers; evaluation, and training "
-        "where it differs)", ""]
+    caption = "Experts per token: fraction of tokens using 0, 1, 2, ... (mean over layers; at evaluation, and in"
+    lines += ["", caption + " training where it differs)", ""]
     width = len(ref["eval"]["experts_per_token_histogram"])
     lines.append("| router | " + " | ".join(str(i) for i in range(width)) + " |")
     lines.append("|---|" + "---|" * width)
