@@ -29,7 +29,7 @@ from lomix.errors import ConfigError
 from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
 from lomix.typed import _type_name, coerce, field_docs, from_dict, to_dict, unknown_key_message
 
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow")
 
 
 @dataclass
@@ -166,7 +166,8 @@ class DataConfig:
 
     train: str = field(
         metadata={
-            "help": "training data: a local .json/.jsonl/.csv/.tsv file, a hub dataset id, or 'bigbench' "
+            "help": "training data: a local .json/.jsonl/.csv/.tsv/.parquet/.arrow file, a hub dataset id, or "
+            "'bigbench' "
             "(built from the PyPI sdist into $LOMIX_CACHE/bigbench, see data.bigbench)"
         }
     )
@@ -177,6 +178,27 @@ class DataConfig:
             "or no test set for a local file"
         },
     )
+    format: Literal["auto", "columns", "messages", "prompt_completion", "alpaca", "text"] = field(
+        default="auto",
+        metadata={
+            "help": "row format: columns (data.columns: input + target, or choices + label), messages (a 'messages' "
+            "list of {role, content}; loss on assistant turns only), prompt_completion ('prompt' + 'completion', "
+            "TRL's names), alpaca ('instruction' + optional 'input' + 'output'), text ('text': LM loss on every "
+            "token); auto: recognised from the first row's columns"
+        },
+    )
+    validation: Literal["auto"] | None = field(
+        default=None,
+        metadata={
+            "help": "auto: when there is no test data (no data.test, or a hub dataset without data.test_split), "
+            "hold out data.validation_fraction of each task's training rows (seeded) as the test set; null: "
+            "test only on data.test or the hub's test split"
+        },
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "share of each task's training rows held out by data.validation=auto"}
+    )
+    validation_seed: int = field(default=0, metadata={"help": "seed of the held-out split of data.validation=auto"})
     subset: str | None = field(default=None, metadata={"help": "configuration name of a hub dataset"})
     train_split: str = field(default="train", metadata={"help": "split of a hub dataset used for training"})
     test_split: str = field(default="test", metadata={"help": "split of a hub dataset used for testing"})
@@ -201,12 +223,32 @@ class DataConfig:
     max_length: int = field(
         default=256, metadata={"help": "tokens per example; prompts are cut from the left to fit the answer"}
     )
+    max_truncated: float = field(
+        default=0.25,
+        metadata={
+            "help": "stop with an error when data.max_length cuts more than this share of the training examples "
+            "(the count is logged whenever any is cut; 1.0: never stop)"
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "text rows: concatenate each task's texts (EOS between) and cut them into data.max_length "
+            "blocks instead of cutting each text at data.max_length"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.train:
             raise ConfigError("data.train", "must name the training data")
         if self.max_length < 8:
             raise ConfigError("data.max_length", f"must be >= 8, got {self.max_length}")
+        if not 0 <= self.max_truncated <= 1:
+            raise ConfigError("data.max_truncated", f"must be a share between 0 and 1, got {self.max_truncated}")
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(
+                "data.validation_fraction", f"must be a share strictly between 0 and 1, got {self.validation_fraction}"
+            )
         try:
             self.prompt_template.format(input="", task="", choices="")
         except (KeyError, IndexError, ValueError) as exc:

@@ -414,7 +414,9 @@ def run(
         raise ConfigError(str(mixture_dir), "holds no saved mixture (did training finish? pass --checkpoint DIR)")
     accelerator = Accelerator(cpu=cpu_processes())
     with accelerator.main_process_first():
-        test = load_test_examples(cfg.data)
+        test = [e for e in load_test_examples(cfg.data) if not e.is_text]  # raw text has no answer to score
+        if not test:
+            raise ConfigError("data.test", "holds raw text only: nothing to score (train.eval_every logs its loss)")
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     tasks = describe_tasks(tasks, task_descriptions, sorted({e.task for e in test}))
     check_test_tasks(set(tasks.names), test)

@@ -54,6 +54,7 @@ from lomix.recipes.data import (
     EpochSampler,
     Formatter,
     ListDataset,
+    Truncation,
     TaskSet,
     load_examples,
     task_set,
@@ -251,7 +252,11 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     tasks = task_set(train_examples, cfg.data)
     data_tasks, tasks = tasks.names, resolve_tasks(cfg, tasks)  # task routers: ids follow their rows
     formatter = Formatter(tokenizer, cfg.data)
-    features = tokenize(train_examples, formatter, tasks)
+    truncation = Truncation()
+    features = tokenize(train_examples, formatter, tasks, truncation)
+    cut = truncation.report(cfg.data)  # raises above data.max_truncated
+    if cut and accelerator.is_main_process:
+        print(cut, flush=True)
 
     if cfg.model.quantized:  # QLoRA-style: fp32 norms, no CPU repacking of 4-bit weights while training
         prepare_kbit_training(model)
@@ -665,7 +670,8 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
     """Fine-tune, save, evaluate. Returns {"records", "before", "after"} (evaluations may be None)."""
     run = setup(cfg, build)
     accelerator, out = run.accelerator, run.out
-    evaluate = bool(run.test)
+    scored = [e for e in run.test or [] if not e.is_text]  # raw text has no answer to score
+    evaluate = bool(scored)
     before = after = None
     if evaluate and cfg.eval.before_training:
         if (out / "eval_before.json").is_file() and run.state.step > 0:
@@ -673,7 +679,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
         else:
             with lomix.disabled(run.unwrapped):
                 before = evaluate_model(
-                    run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval, accelerator, cfg.train.progress,
+                    run.unwrapped, run.formatter, scored, run.tasks, cfg.eval, accelerator, cfg.train.progress,
                     "eval (base model)",
                 )  # fmt: skip
             if accelerator.is_main_process:
@@ -696,7 +702,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
         )
     if evaluate and cfg.eval.after_training:
         after = evaluate_model(
-            run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval, accelerator, cfg.train.progress,
+            run.unwrapped, run.formatter, scored, run.tasks, cfg.eval, accelerator, cfg.train.progress,
             "eval (mixture)",
         )  # fmt: skip
         if accelerator.is_main_process:
