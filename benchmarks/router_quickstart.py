@@ -112,8 +112,9 @@ def summarize(run: Path) -> dict:
         "train_last_window": layer_figures(last_window["routing"]),
         "overrides": VARIANTS[run.name],
     }
-    if (run / "eval_before.json").is_file():
-        out["base_accuracy"] = accuracy(json.loads((run / "eval_before.json").read_text()))[0]
+    base = next((run / n for n in ("eval_base.json", "eval_before.json") if (run / n).is_file()), None)  # new, old name
+    if base is not None:
+        out["base_accuracy"] = accuracy(json.loads(base.read_text()))[0]
     return out
 
 

@@ -28,7 +28,8 @@ def train(
     One process as is. Data-parallel: accelerate launch --multi_gpu --num_processes N -m lomix.cli train ...
     (DDP; gloo on CPU), or --config_file with one of recipes/configs/accelerate/*.yaml (lomix recipes ls).
 
-    Writes OUTPUT_DIR/: config.yaml, tasks.json, log.jsonl, checkpoints/, mixture/, eval.json.
+    Writes OUTPUT_DIR/: config.yaml (paths absolute), tasks.json, log.jsonl, checkpoints/, mixture/ (with
+    the tokenizer), eval_base.json (eval.before_training) and eval.json.
     """
     from lomix.recipes.config import load_config
 
@@ -76,20 +77,31 @@ def evaluate(
     reroute_lr: float | None = typer.Option(
         None, "--reroute-lr", help="Learning rate of the offsets (eval.reroute_lr, default 0.1)."
     ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="The result file (JSON); default: the next free RUN_DIR/eval[-N].json."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing result (--out, or RUN_DIR/eval.json) instead of numbering."
+    ),
 ) -> None:
     """Evaluate a run on its test data, per task and on average.
 
     Multiple choice: accuracy, choosing the answer of highest log-likelihood. Generative: exact match.
     Shown beside chance and the majority-class prior.
 
-    Writes RUN_DIR/eval.json (or eval_base.json with --base) and prints a markdown table.
+    Writes RUN_DIR/eval.json (eval_base.json with --base) and prints a markdown table. An earlier
+    result is never replaced: when that file exists the result goes to eval-2.json (eval_base-2.json),
+    eval-3.json, ...; --overwrite replaces it, --out names the file.
     """
     from lomix.recipes import evaluation
 
     flags = {"reroute_steps": reroute_steps, "reroute_every": reroute_every, "reroute_lr": reroute_lr}
     overrides = [*(overrides or []), *(f"eval.{key}={value}" for key, value in flags.items() if value is not None)]
     try:
-        evaluation.run(run_dir, overrides, base=base, checkpoint=checkpoint, task_descriptions=task_description or [])
+        evaluation.run(
+            run_dir, overrides, base=base, checkpoint=checkpoint, task_descriptions=task_description or [],
+            out=out, overwrite=overwrite,
+        )  # fmt: skip
     except LomixError as exc:
         raise fail(exc) from None
 

@@ -38,8 +38,9 @@ class ModelConfig:
 
     name_or_path: str = field(
         metadata={
+            "path": True,
             "help": "the base model: a hub id, a local folder, or 'pypi:<package>' for a model shipped inside an "
-            "installed PyPI package (its folder is located without importing it)"
+            "installed PyPI package (its folder is located without importing it)",
         }
     )
     gguf_file: str | None = field(
@@ -136,7 +137,10 @@ class BigBenchConfig:
     version: str = field(default="1.0.0", metadata={"help": "version of the bigbench sdist to download"})
     sdist: str | None = field(
         default=None,
-        metadata={"help": "path of an already downloaded bigbench-<version>.tar.gz; null: download it into the cache"},
+        metadata={
+            "path": True,
+            "help": "path of an already downloaded bigbench-<version>.tar.gz; null: download it into the cache",
+        },
     )
     train_per_task: int = field(default=300, metadata={"help": "training examples per task (at most)"})
     test_per_task: int = field(default=40, metadata={"help": "test examples per task (taken first, at most)"})
@@ -166,16 +170,18 @@ class DataConfig:
 
     train: str = field(
         metadata={
+            "path": True,
             "help": "training data: a local .json/.jsonl/.csv/.tsv/.parquet/.arrow file, a hub dataset id, or "
             "'bigbench' "
-            "(built from the PyPI sdist into $LOMIX_CACHE/bigbench, see data.bigbench)"
+            "(built from the PyPI sdist into $LOMIX_CACHE/bigbench, see data.bigbench)",
         }
     )
     test: str | None = field(
         default=None,
         metadata={
+            "path": True,
             "help": "test data (same forms); null: the hub dataset's test_split, bigbench's own test split, "
-            "or no test set for a local file"
+            "or no test set for a local file",
         },
     )
     format: Literal["auto", "columns", "messages", "prompt_completion", "alpaca", "text"] = field(
@@ -367,7 +373,7 @@ class EvalConfig:
         default="accuracy",
         metadata={
             "help": "evaluate metric for multiple choice: a name lomix ships (accuracy), a metric folder, or a "
-            "bare hub name (needs the network)"
+            "bare hub name (needs the network)",
         },
     )
     exact_match_metric: str = field(
@@ -426,10 +432,15 @@ class _RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, dropout and routing noise"})
-    output_dir: str = field(default="runs/lomix", metadata={"help": "run folder: config, logs, checkpoints, mixture"})
+    output_dir: str = field(
+        default="runs/lomix", metadata={"path": "always", "help": "run folder: config, logs, checkpoints, mixture"}
+    )
     resume_from: str | None = field(
         default=None,
-        metadata={"help": "a run folder (its newest checkpoint) or a checkpoint folder to continue from exactly"},
+        metadata={
+            "path": True,
+            "help": "a run folder (its newest checkpoint) or a checkpoint folder to continue from exactly",
+        },
     )
 
     @property

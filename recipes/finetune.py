@@ -60,9 +60,10 @@ from lomix.recipes.data import (
     task_set,
     tokenize,
 )
-from lomix.recipes.evaluation import evaluate_model, results_table, write_json
+from lomix.recipes.evaluation import BASE_RESULTS, RESULTS, evaluate_model, results_table, write_json
 from lomix.recipes.hooks import batch_loss_for, build_mixture, resolve_tasks
 from lomix.recipes.losses import answer_loss_sum, answer_tokens, forward
+from lomix.recipes.portable import absolute_paths
 from lomix.stats import RoutingStats
 
 CHECKPOINTS = "checkpoints"
@@ -229,6 +230,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     from accelerate.utils import set_seed
 
     cfg = copy.deepcopy(cfg)  # the build resolves the mixture (task names, few-shot start) in the run's copy
+    absolute_paths(cfg)  # the saved config.yaml works from any working directory
     quantization.check(cfg.model, cfg.train)  # a missing bitsandbytes is named before anything loads
     trackers.prepare(cfg.train)  # so is a missing tracker (accelerate would only warn)
     out = check_output_dir(cfg)
@@ -674,8 +676,9 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
     evaluate = bool(scored)
     before = after = None
     if evaluate and cfg.eval.before_training:
-        if (out / "eval_before.json").is_file() and run.state.step > 0:
-            before = json.loads((out / "eval_before.json").read_text())
+        saved = next((out / n for n in BASE_RESULTS if (out / n).is_file()), None)  # a resumed run has it
+        if saved is not None and run.state.step > 0:
+            before = json.loads(saved.read_text())
         else:
             with lomix.disabled(run.unwrapped):
                 before = evaluate_model(
@@ -683,7 +686,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
                     "eval (base model)",
                 )  # fmt: skip
             if accelerator.is_main_process:
-                write_json(out / "eval_before.json", before)
+                write_json(out / BASE_RESULTS[0], before)
                 run.print(results_table({"base": before}))
 
     start = time.perf_counter()
@@ -693,6 +696,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         lomix.save(run.unwrapped, out / "mixture", metadata={"steps": str(run.state.step)})
+        run.tokenizer.save_pretrained(out / "mixture")  # the mixture folder is usable on its own
     losses = [r["loss"] for r in records if "loss" in r]
     if losses:
         head, tail = losses[: max(1, len(losses) // 5)], losses[-max(1, len(losses) // 5) :]
@@ -706,7 +710,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
             "eval (mixture)",
         )  # fmt: skip
         if accelerator.is_main_process:
-            write_json(out / "eval.json", after)
+            write_json(out / RESULTS, after)
             columns = {"base": before, "mixture": after} if before else {"mixture": after}
             run.print("\n" + results_table(columns))
     if cfg.train.trackers:
