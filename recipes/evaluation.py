@@ -432,7 +432,9 @@ def run(
     """
     from accelerate import Accelerator
 
-    run_dir = Path(run_dir)
+    from lomix.recipes.runs import resolve_run_dir
+
+    run_dir = resolve_run_dir(run_dir)  # RUN or RUN/mixture
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(str(run_dir), "not a lomix run folder (it has no config.yaml)")
