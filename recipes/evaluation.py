@@ -518,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--task-description", action="append", default=[], help="TEXT or TASK=TEXT (held-out tasks); repeatable"
     )
+    parser.add_argument("--out", "-o", default=None, help="the result file; default: the next free eval[-N].json")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing result instead of numbering")
     args = parser.parse_args(argv)
     run(
         args.run_dir,
@@ -525,6 +527,8 @@ def main(argv: list[str] | None = None) -> None:
         base=args.base,
         checkpoint=args.checkpoint,
         task_descriptions=args.task_description,
+        out=args.out,
+        overwrite=args.overwrite,
     )
 
 

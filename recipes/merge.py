@@ -74,6 +74,7 @@ def write_run(run: LoadedRun, out: str | Path, report: dict[str, Any], evaluatio
     with atomic_directory(out) as tmp:
         copy_run_files(run.directory, tmp)
         lomix.save(run.model, tmp / "mixture", metadata={"merged_from": str(run.directory)})
+        run.tokenizer.save_pretrained(tmp / "mixture")  # as a trained run's mixture: usable on its own
         (tmp / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
         if evaluation is not None:
             (tmp / "eval.json").write_text(json.dumps(evaluation, indent=2, sort_keys=True) + "\n")

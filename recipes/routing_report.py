@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", default="test", help="train, test or a data file")
-    parser.add_argument("--per-task", type=int, default=32)
+    parser.add_argument("--max-examples-per-task", "--per-task", dest="per_task", type=int, default=32)
     args = parser.parse_args(argv)
     run(args.run_dir, args.out, args.data, args.per_task)
 

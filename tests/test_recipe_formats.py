@@ -232,3 +232,23 @@ def test_a_hub_dataset_without_a_test_split(monkeypatch):
     train, test = load_examples(DataConfig(train="someone/data", validation="auto"))
     assert len(train) == 9 and len(test) == 1
     assert [e.input for e in load_test_examples(DataConfig(train="someone/data", validation="auto"))] == [test[0].input]
+
+
+def test_training_reports_the_cut_examples_and_stops_above_the_threshold(tmp_path, run_recipe, capsys):
+    from tiny_assets import run_assets, tiny_config
+
+    from lomix.recipes.config import build_config
+
+    root, model, train, _ = run_assets(tmp_path)
+    short = {"max_length": 12}  # every tiny prompt with its chat header is longer
+
+    def config(name, **data):
+        cfg = tiny_config(root, model, train, None, data=data, output_dir=str(root / name))
+        cfg["train"].update(max_steps=1, batch_size=4, warmup_steps=0)
+        return build_config(cfg)
+
+    with pytest.raises(DataError, match=r"^data.max_length: data.max_length=12 cut 24 of 24 training examples"):
+        run_recipe(config("refused", **short))
+    capsys.readouterr()
+    run_recipe(config("accepted", **short, max_truncated=1.0))
+    assert "lomix: data.max_length=12 cut 24 of 24 training examples (100%: 24 prompts)" in capsys.readouterr().out
