@@ -171,6 +171,7 @@ class DataConfig:
     train: str = field(
         metadata={
             "path": True,
+            "keywords": ("bigbench",),  # a name with a meaning of its own, never made a path
             "help": "training data: a local .json/.jsonl/.csv/.tsv/.parquet/.arrow file, a hub dataset id, or "
             "'bigbench' "
             "(built from the PyPI sdist into $LOMIX_CACHE/bigbench, see data.bigbench)",

@@ -3,8 +3,9 @@ RUN`` (and every other verb) works from any working directory.
 
 A config field that holds a local path says so in its metadata: ``"path": True`` (a value that may
 also be a hub id or a name: made absolute only when it names something that exists here) or
-``"path": "always"`` (a folder the run creates, such as ``output_dir``). Generic code therefore
-names no field of any method.
+``"path": "always"`` (a folder the run creates, such as ``output_dir``); ``"keywords"`` lists values
+with a meaning of their own that stay as they are (``data.train: bigbench``) even when a file of that
+name happens to exist. Generic code therefore names no field of any method.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def absolute_paths(config: Any) -> None:
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         mark = field.metadata.get("path")
+        if value in field.metadata.get("keywords", ()):
+            continue
         if mark and isinstance(value, str):
             setattr(config, field.name, _absolute(value, mark == "always"))
         elif mark and isinstance(value, list):

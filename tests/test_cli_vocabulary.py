@@ -131,3 +131,22 @@ def test_a_run_or_its_mixture_folder(tmp_path):
     assert all(r.exit_code == 0 for r in shown), shown[0].output
     assert json.loads(shown[0].output) == json.loads(shown[1].output)
     assert json.loads(shown[0].output)["config"]["num_experts"] == 3
+
+
+def test_eval_takes_the_mixture_folder_for_its_run(tmp_path, monkeypatch):
+    from lomix.recipes import evaluation
+
+    seen = []
+
+    def load_config(path, overrides=None):
+        seen.append(path)
+        raise ConfigError(str(path), "stop here")
+
+    monkeypatch.setattr(evaluation, "load_config", load_config)
+    run = tmp_path / "run"
+    (run / "mixture").mkdir(parents=True)
+    for name in ("config.yaml", "tasks.json", f"mixture/{lomix.CONFIG_NAME}"):
+        (run / name).write_text("{}\n")
+    result = CliRunner().invoke(app, ["eval", str(run / "mixture")])
+    assert result.exit_code == 2 and "stop here" in result.output, result.output
+    assert seen == [run / "config.yaml"]

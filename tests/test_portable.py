@@ -12,7 +12,7 @@ from lomix.recipes.portable import absolute_paths
 
 def test_relative_paths_become_absolute_and_names_stay(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for folder in ("model", "train", "hard"):
+    for folder in ("model", "train", "hard", "bigbench"):
         (tmp_path / folder).mkdir()
     (tmp_path / "train.jsonl").write_text('{"input": "x", "target": "y"}\n')
     config = tiny_config(
@@ -29,6 +29,9 @@ def test_relative_paths_become_absolute_and_names_stay(tmp_path, monkeypatch):
     assert cfg.data.test == "someone/dataset" and cfg.resume_from == "runs/missing"  # not local: unchanged
     assert cfg.data.train_split == "train"  # a split name, not a path, though ./train exists
     assert cfg.data.task == "default" and cfg.eval.accuracy_metric == "accuracy"
+    builder = load_config(path, ["data.train=bigbench"])  # a keyword of data.train, though ./bigbench exists
+    absolute_paths(builder)
+    assert builder.data.train == "bigbench"
     # a resolved config reads back the same from any working directory
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -43,6 +43,7 @@ class LibraryConfig:
         default=None,
         metadata={
             "path": True,
+            "keywords": ("base",),
             "help": "a local causal LM (folder, hub id or pypi:<package>; 'base': model.name_or_path) that writes "
             "missing task descriptions from a few training examples; null: descriptions are user-written "
             "(data.task_descriptions) or the library's own",
