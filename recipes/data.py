@@ -3,8 +3,8 @@
 Every source (a local JSON/JSONL/CSV/TSV/Parquet/Arrow file, a hub dataset, or the BIG-bench
 builder) becomes a list of `Example` (task, input, choices, label, target); chat ``messages``,
 prompt/completion, Alpaca and raw ``text`` rows too (lomix.recipes.formats). Errors name the config
-key, the file and the row. Training batches carry ``task_ids`` and ``task_descriptions``, which the wrapped model's
-forward turns into the `RoutingContext` that every router sees.
+key, the file and the row. Training batches carry ``task_ids`` and ``task_descriptions``, which the
+wrapped model's forward turns into the `RoutingContext` that every router sees.
 """
 
 from __future__ import annotations
@@ -18,43 +18,11 @@ from typing import Any
 
 import torch
 
-from lomix.errors import LomixError
 from lomix.recipes.config import LOCAL_DATA_SUFFIXES, DataConfig
+from lomix.recipes.examples import DataError, Example, MissingSplitError
+from lomix.recipes.formats import detect_format, format_example, missing_columns
 
 IGNORE_INDEX = -100
-
-
-class DataError(LomixError, ValueError):
-    """The data does not fit the config (missing column, empty file, bad label, unknown task)."""
-
-
-class MissingSplitError(DataError):
-    """A hub dataset has no split of the asked name (data.validation=auto then holds rows out)."""
-
-
-@dataclass
-class Example:
-    """One normalised example. Multiple choice: ``choices`` and ``label`` (``target`` is the right
-    choice); generative: ``target`` only; a conversation: ``messages`` (the loss covers every
-    assistant turn; ``target`` is the last one); raw text: ``text`` (the loss covers every token)."""
-
-    task: str
-    input: str
-    choices: list[str] | None = None
-    label: int | None = None
-    target: str | None = None
-    description: str = ""
-    messages: list[dict[str, str]] | None = None
-    text: str | None = None
-
-    @property
-    def is_multiple_choice(self) -> bool:
-        return self.choices is not None
-
-    @property
-    def is_text(self) -> bool:
-        """Raw text: nothing to score it against, only a language-model loss."""
-        return self.text is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,8 +84,6 @@ def _choices(value: Any, where: str) -> list[str]:
 
 def normalise_rows(rows: list[dict[str, Any]], cfg: DataConfig, key: str, source: str) -> list[Example]:
     """Map columns to `Example` fields, checking every row (data.format decides how)."""
-    from lomix.recipes.formats import detect_format, format_example, missing_columns
-
     cols = cfg.columns
     present = set(rows[0])
     fmt = detect_format(present, cfg)

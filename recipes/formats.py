@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from lomix.recipes.config import DataConfig
-from lomix.recipes.data import DataError, Example
+from lomix.recipes.examples import DataError, Example
 
 ROLES = ("system", "user", "assistant", "tool")
 
