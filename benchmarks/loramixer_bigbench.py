@@ -172,7 +172,7 @@ def main() -> None:
                     f"output_dir={run}",
                 )  # fmt: skip
             if i == 0:
-                results["base"] = accuracy_of(run / "soft" / "eval_before.json")
+                results["base"] = accuracy_of(run / "soft" / "eval_base.json")
             results["sizes"][total] = accuracy(run / "soft")
     results["minutes"] = (time.time() - started) / 60
     (out / f"results-{args.part}.json").write_text(json.dumps(results, indent=2) + "\n")

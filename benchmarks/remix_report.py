@@ -3,7 +3,7 @@
     python benchmarks/remix_report.py RUN_DIR [RUN_DIR ...] [--last N] [--json OUT]
 
 For each run: the test accuracy (eval.json; the base model's from the first run with
-eval_before.json), and, from the last N log records of training (the routing statistics of
+eval_base.json), and, from the last N log records of training (the routing statistics of
 lomix.stats over those steps' micro-batches), per layer:
   - effective support of the gates ||g||_1^2 / ||g||_2^2 (k for equal gates, 1 for one expert);
   - prob_support, the same figure of the router's full distribution (how many experts it spreads over);
@@ -63,10 +63,8 @@ def main() -> None:
     args = parser.parse_args()
 
     evals = {run.name: json.loads((run / "eval.json").read_text()) for run in args.runs}
-    base = next(
-        (json.loads((r / "eval_before.json").read_text()) for r in args.runs if (r / "eval_before.json").is_file()),
-        None,
-    )
+    names = ("eval_base.json", "eval_before.json")  # the base model's result: its name, and its older name
+    base = next((json.loads((r / n).read_text()) for r in args.runs for n in names if (r / n).is_file()), None)
     columns = ({"base": base} if base else {}) | evals
     tasks = list(next(iter(evals.values()))["tasks"])
     print("## Test accuracy\n")

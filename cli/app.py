@@ -38,11 +38,15 @@ def _root(
 
 
 @app.command()
-def show(directory: Path = typer.Argument(..., help="A folder holding a saved lomix mixture.")) -> None:
+def show(
+    directory: Path = typer.Argument(..., help="A saved lomix mixture folder, or a run folder holding one."),
+) -> None:
     """Print a saved mixture's config and metadata (no model is loaded)."""
-    from lomix.checkpoint import describe
+    from lomix.checkpoint import CONFIG_NAME, describe
     from lomix.errors import LomixError
 
+    if not (directory / CONFIG_NAME).is_file() and (directory / "mixture" / CONFIG_NAME).is_file():
+        directory = directory / "mixture"  # RUN: its mixture
     try:
         info = describe(directory)
     except LomixError as exc:

@@ -14,11 +14,35 @@ def fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(2)
 
 
+# The vocabulary every verb shares: --out/-o for what it writes, key=value overrides wherever a config
+# is read, and "max examples per task" (eval.max_examples_per_task) for a per-task example budget.
+OVERRIDES_HELP = "Dotted key=value overrides of the run's config, e.g. eval.max_examples_per_task=20 eval.batch_size=4."
+MAX_PER_TASK_FLAG = "--max-examples-per-task"
+
+
+def overrides_argument(help: str = OVERRIDES_HELP):
+    return typer.Argument(None, help=help, show_default=False)
+
+
+def out_as_output_dir(overrides: list[str] | None, out: Path | None) -> list[str]:
+    """``--out DIR`` of a verb that writes a run folder: the same as the ``output_dir=DIR`` override."""
+    return [*(overrides or []), *([f"output_dir={out}"] if out is not None else [])]
+
+
+def deprecated(value, old_value, old: str, new: str):
+    """``old_value`` (with a one-line warning) when the deprecated flag ``old`` was given, else ``value``."""
+    if old_value is None:
+        return value
+    typer.echo(f"lomix: warning: {old} is deprecated; use {new}", err=True)
+    return old_value
+
+
 def train(
     config: Path = typer.Argument(..., help="A recipe config (YAML); `lomix recipes ls` lists the shipped ones."),
-    overrides: list[str] | None = typer.Argument(
-        None, help="Dotted key=value overrides, parsed as YAML: router.k=3 train.lr=2e-4 data.max_length=128."
+    overrides: list[str] | None = overrides_argument(
+        "Dotted key=value overrides, parsed as YAML: router.k=3 train.lr=2e-4 data.max_length=128."
     ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="The run folder to write (the same as output_dir=OUT)."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate the config, print it fully resolved (YAML) and exit; loads nothing."
     ),
@@ -28,12 +52,13 @@ def train(
     One process as is. Data-parallel: accelerate launch --multi_gpu --num_processes N -m lomix.cli train ...
     (DDP; gloo on CPU), or --config_file with one of recipes/configs/accelerate/*.yaml (lomix recipes ls).
 
-    Writes OUTPUT_DIR/: config.yaml, tasks.json, log.jsonl, checkpoints/, mixture/, eval.json.
+    Writes OUTPUT_DIR/: config.yaml (paths absolute), tasks.json, log.jsonl, checkpoints/, mixture/ (with
+    the tokenizer), eval_base.json (eval.before_training) and eval.json.
     """
     from lomix.recipes.config import load_config
 
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, out_as_output_dir(overrides, out))
     except LomixError as exc:
         raise fail(exc) from None
     if dry_run:
@@ -48,10 +73,8 @@ def train(
 
 
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A run folder written by `lomix train`."),
-    overrides: list[str] | None = typer.Argument(
-        None, help="key=value overrides of the run's config, e.g. eval.max_examples_per_task=20."
-    ),
+    run_dir: Path = typer.Argument(..., help="A run folder written by `lomix train` (or its mixture/ folder)."),
+    overrides: list[str] | None = overrides_argument(),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model alone (no mixture)."),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Evaluate this checkpoint's mixture instead of RUN_DIR/mixture."
@@ -76,20 +99,39 @@ def evaluate(
     reroute_lr: float | None = typer.Option(
         None, "--reroute-lr", help="Learning rate of the offsets (eval.reroute_lr, default 0.1)."
     ),
+    max_examples_per_task: int | None = typer.Option(
+        None, MAX_PER_TASK_FLAG, help="Test examples per task (eval.max_examples_per_task; default: all)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="The result file (JSON); default: the next free RUN_DIR/eval[-N].json."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing result (--out, or RUN_DIR/eval.json) instead of numbering."
+    ),
 ) -> None:
     """Evaluate a run on its test data, per task and on average.
 
     Multiple choice: accuracy, choosing the answer of highest log-likelihood. Generative: exact match.
     Shown beside chance and the majority-class prior.
 
-    Writes RUN_DIR/eval.json (or eval_base.json with --base) and prints a markdown table.
+    Writes RUN_DIR/eval.json (eval_base.json with --base) and prints a markdown table. An earlier
+    result is never replaced: when that file exists the result goes to eval-2.json (eval_base-2.json),
+    eval-3.json, ...; --overwrite replaces it, --out names the file.
     """
     from lomix.recipes import evaluation
 
-    flags = {"reroute_steps": reroute_steps, "reroute_every": reroute_every, "reroute_lr": reroute_lr}
+    flags = {
+        "reroute_steps": reroute_steps,
+        "reroute_every": reroute_every,
+        "reroute_lr": reroute_lr,
+        "max_examples_per_task": max_examples_per_task,
+    }
     overrides = [*(overrides or []), *(f"eval.{key}={value}" for key, value in flags.items() if value is not None)]
     try:
-        evaluation.run(run_dir, overrides, base=base, checkpoint=checkpoint, task_descriptions=task_description or [])
+        evaluation.run(
+            run_dir, overrides, base=base, checkpoint=checkpoint, task_descriptions=task_description or [],
+            out=out, overwrite=overwrite,
+        )  # fmt: skip
     except LomixError as exc:
         raise fail(exc) from None
 

@@ -9,18 +9,21 @@ import typer
 
 from lomix.errors import LomixError
 
-from .commands import fail
+from .commands import MAX_PER_TASK_FLAG, deprecated, fail, overrides_argument
 
 RUN_DIR = typer.Argument(
-    ..., help="A run folder (config.yaml, tasks.json, mixture/) from `lomix train` or `lomix merge`."
+    ...,
+    help="A run folder (config.yaml, tasks.json, mixture/) of `lomix train` or `lomix merge`, or its mixture/.",
 )
 
 
 def inspect(
     run_dir: Path = RUN_DIR,
+    overrides: list[str] | None = overrides_argument(),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for routing.json and the PNG heatmaps."),
     data: str = typer.Option("test", "--data", help="Calibration data: train, test (the run's splits) or a data file."),
-    per_task: int = typer.Option(32, "--per-task", help="Examples per task taken from the data."),
+    max_examples_per_task: int = typer.Option(32, MAX_PER_TASK_FLAG, help="Examples per task taken from the data."),
+    per_task: int | None = typer.Option(None, "--per-task", hidden=True),  # deprecated: --max-examples-per-task
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per forward pass."),
 ) -> None:
     """Routing statistics of a trained mixture on calibration data.
@@ -33,7 +36,8 @@ def inspect(
     from lomix.recipes import routing_report
 
     try:
-        payload = routing_report.run(run_dir, out, data, per_task, batch_size)
+        per_task = deprecated(max_examples_per_task, per_task, "--per-task", MAX_PER_TASK_FLAG)
+        payload = routing_report.run(run_dir, out, data, per_task, batch_size, overrides=overrides or [])
     except LomixError as exc:
         raise fail(exc) from None
     typer.echo(f"{len(payload['layers'])} layers, {payload['data']['examples']} examples; wrote {out}")
@@ -41,6 +45,7 @@ def inspect(
 
 def merge(
     run_dir: Path = RUN_DIR,
+    overrides: list[str] | None = overrides_argument(),
     experts: float = typer.Option(
         ..., "--experts", help="Bank experts per layer on average (a global budget; at least one per layer)."
     ),
@@ -54,13 +59,16 @@ def merge(
     weighting: str = typer.Option("frequency", "--weighting", help="frequency (MC-SMoE) or uniform."),
     grouping: str = typer.Option("similarity", "--grouping", help="similarity (router logits) or random."),
     drop: bool = typer.Option(False, "--drop", help="Keep only the dominant experts, drop the rest (a baseline)."),
-    calibration: int = typer.Option(32, "--calibration", help="Training examples per task for the statistics."),
+    max_examples_per_task: int = typer.Option(
+        32, MAX_PER_TASK_FLAG, help="Training examples per task for the routing statistics (calibration)."
+    ),
+    calibration: int | None = typer.Option(None, "--calibration", hidden=True),  # deprecated: the flag above
     recover_steps: int = typer.Option(
         0, "--recover-steps", help="Distillation steps from the unmerged mixture (CE + 0.2 KL at T=2); 0: none."
     ),
     recover_lr: float = typer.Option(1e-4, "--recover-lr", help="Learning rate of the recovery steps."),
     evaluate: bool = typer.Option(False, "--eval", help="Evaluate the merged mixture on the run's test data."),
-    eval_per_task: int | None = typer.Option(None, "--eval-per-task", help="Test examples per task (default: all)."),
+    eval_per_task: int | None = typer.Option(None, "--eval-per-task", hidden=True),  # eval.max_examples_per_task=N
     seed: int = typer.Option(0, "--seed", help="Seed of random grouping and of the recovery data order."),
 ) -> None:
     """Merge a mixture's experts with MC-SMoE, optionally compress and recover; OUT is a run folder.
@@ -72,6 +80,9 @@ def merge(
     from lomix.merge import MergeOptions
     from lomix.recipes import merge as recipe
 
+    calibration = deprecated(max_examples_per_task, calibration, "--calibration", MAX_PER_TASK_FLAG)
+    if eval_per_task is not None:
+        typer.echo("lomix: warning: --eval-per-task is deprecated; use eval.max_examples_per_task=N", err=True)
     try:
         options = MergeOptions(
             experts=experts,
@@ -85,6 +96,7 @@ def merge(
         recipe.run(
             run_dir, out, options, calibration_per_task=calibration, recover_steps=recover_steps,
             recover_lr=recover_lr, evaluate=evaluate, eval_per_task=eval_per_task, seed=seed,
+            overrides=overrides or [],
         )  # fmt: skip
     except LomixError as exc:
         raise fail(exc) from None
@@ -92,6 +104,7 @@ def merge(
 
 def export(
     run_dir: Path = RUN_DIR,
+    overrides: list[str] | None = overrides_argument(),
     format: str = typer.Option(..., "--format", "-f", help="merged, peft or lomix."),
     out: Path = typer.Option(..., "--out", "-o", help="The folder to write."),
     task: str | None = typer.Option(
@@ -106,7 +119,7 @@ def export(
     from lomix.recipes import export as recipe
 
     try:
-        info = recipe.run(run_dir, format, out, task)  # type: ignore[arg-type]
+        info = recipe.run(run_dir, format, out, task, overrides=overrides or [])  # type: ignore[arg-type]
     except LomixError as exc:
         raise fail(exc) from None
     for note in info.get("notes", []):

@@ -29,7 +29,7 @@ from lomix.errors import ConfigError
 from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
 from lomix.typed import _type_name, coerce, field_docs, from_dict, to_dict, unknown_key_message
 
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow")
 
 
 @dataclass
@@ -38,8 +38,9 @@ class ModelConfig:
 
     name_or_path: str = field(
         metadata={
+            "path": True,
             "help": "the base model: a hub id, a local folder, or 'pypi:<package>' for a model shipped inside an "
-            "installed PyPI package (its folder is located without importing it)"
+            "installed PyPI package (its folder is located without importing it)",
         }
     )
     gguf_file: str | None = field(
@@ -136,7 +137,10 @@ class BigBenchConfig:
     version: str = field(default="1.0.0", metadata={"help": "version of the bigbench sdist to download"})
     sdist: str | None = field(
         default=None,
-        metadata={"help": "path of an already downloaded bigbench-<version>.tar.gz; null: download it into the cache"},
+        metadata={
+            "path": True,
+            "help": "path of an already downloaded bigbench-<version>.tar.gz; null: download it into the cache",
+        },
     )
     train_per_task: int = field(default=300, metadata={"help": "training examples per task (at most)"})
     test_per_task: int = field(default=40, metadata={"help": "test examples per task (taken first, at most)"})
@@ -166,17 +170,42 @@ class DataConfig:
 
     train: str = field(
         metadata={
-            "help": "training data: a local .json/.jsonl/.csv/.tsv file, a hub dataset id, or 'bigbench' "
-            "(built from the PyPI sdist into $LOMIX_CACHE/bigbench, see data.bigbench)"
+            "path": True,
+            "keywords": ("bigbench",),  # a name with a meaning of its own, never made a path
+            "help": "training data: a local .json/.jsonl/.csv/.tsv/.parquet/.arrow file, a hub dataset id, or "
+            "'bigbench' "
+            "(built from the PyPI sdist into $LOMIX_CACHE/bigbench, see data.bigbench)",
         }
     )
     test: str | None = field(
         default=None,
         metadata={
+            "path": True,
             "help": "test data (same forms); null: the hub dataset's test_split, bigbench's own test split, "
-            "or no test set for a local file"
+            "or no test set for a local file",
         },
     )
+    format: Literal["auto", "columns", "messages", "prompt_completion", "alpaca", "text"] = field(
+        default="auto",
+        metadata={
+            "help": "row format: columns (data.columns: input + target, or choices + label), messages (a 'messages' "
+            "list of {role, content}; loss on assistant turns only), prompt_completion ('prompt' + 'completion', "
+            "TRL's names), alpaca ('instruction' + optional 'input' + 'output'), text ('text': LM loss on every "
+            "token); auto: recognised from the first row's columns"
+        },
+    )
+    validation: Literal["auto"] | None = field(
+        default=None,
+        metadata={
+            "help": "auto: when there is no test data (no data.test, or a hub dataset without data.test_split), "
+            "hold out data.validation_fraction of each task's training rows (seeded) as the test set; null: "
+            "test only on data.test or the hub's test split"
+        },
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "share of each task's training rows held out by data.validation=auto"}
+    )
+    validation_seed: int = field(default=0, metadata={"help": "seed of the held-out split of data.validation=auto"})
     subset: str | None = field(default=None, metadata={"help": "configuration name of a hub dataset"})
     train_split: str = field(default="train", metadata={"help": "split of a hub dataset used for training"})
     test_split: str = field(default="test", metadata={"help": "split of a hub dataset used for testing"})
@@ -201,12 +230,32 @@ class DataConfig:
     max_length: int = field(
         default=256, metadata={"help": "tokens per example; prompts are cut from the left to fit the answer"}
     )
+    max_truncated: float = field(
+        default=0.25,
+        metadata={
+            "help": "stop with an error when data.max_length cuts more than this share of the training examples "
+            "(the count is logged whenever any is cut; 1.0: never stop)"
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "text rows: concatenate each task's texts (EOS between) and cut them into data.max_length "
+            "blocks instead of cutting each text at data.max_length"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.train:
             raise ConfigError("data.train", "must name the training data")
         if self.max_length < 8:
             raise ConfigError("data.max_length", f"must be >= 8, got {self.max_length}")
+        if not 0 <= self.max_truncated <= 1:
+            raise ConfigError("data.max_truncated", f"must be a share between 0 and 1, got {self.max_truncated}")
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(
+                "data.validation_fraction", f"must be a share strictly between 0 and 1, got {self.validation_fraction}"
+            )
         try:
             self.prompt_template.format(input="", task="", choices="")
         except (KeyError, IndexError, ValueError) as exc:
@@ -325,7 +374,7 @@ class EvalConfig:
         default="accuracy",
         metadata={
             "help": "evaluate metric for multiple choice: a name lomix ships (accuracy), a metric folder, or a "
-            "bare hub name (needs the network)"
+            "bare hub name (needs the network)",
         },
     )
     exact_match_metric: str = field(
@@ -384,10 +433,15 @@ class _RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, dropout and routing noise"})
-    output_dir: str = field(default="runs/lomix", metadata={"help": "run folder: config, logs, checkpoints, mixture"})
+    output_dir: str = field(
+        default="runs/lomix", metadata={"path": "always", "help": "run folder: config, logs, checkpoints, mixture"}
+    )
     resume_from: str | None = field(
         default=None,
-        metadata={"help": "a run folder (its newest checkpoint) or a checkpoint folder to continue from exactly"},
+        metadata={
+            "path": True,
+            "help": "a run folder (its newest checkpoint) or a checkpoint folder to continue from exactly",
+        },
     )
 
     @property

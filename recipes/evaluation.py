@@ -384,6 +384,33 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
         handle.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+# A run folder's results: the mixture's, and the base model's (mixture off). Runs written before the
+# names were unified hold the base model's training-time result as eval_before.json: still read.
+RESULTS = "eval.json"
+BASE_RESULTS = ("eval_base.json", "eval_before.json")
+
+
+def base_results(run_dir: str | Path) -> Path | None:
+    """The base model's result file of a run folder (either name), or None."""
+    return next((Path(run_dir) / n for n in BASE_RESULTS if (Path(run_dir) / n).is_file()), None)
+
+
+def results_path(run_dir: Path, base: bool, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Where a new evaluation goes without losing an earlier one: ``out`` when given (an existing
+    file only with ``overwrite``); else eval.json / eval_base.json, or the first free eval-N.json /
+    eval_base-N.json when that exists (``overwrite``: the plain name, replaced)."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and not overwrite:
+            raise ConfigError("--out", f"{path} exists; pass --overwrite to replace it, or choose another file")
+        return path
+    stem = Path(BASE_RESULTS[0] if base else RESULTS).stem
+    path, number = run_dir / f"{stem}.json", 2
+    while path.exists() and not overwrite:
+        path, number = run_dir / f"{stem}-{number}.json", number + 1
+    return path
+
+
 def run(
     run_dir: str | Path,
     overrides: list[str] | None = None,
@@ -391,8 +418,13 @@ def run(
     base: bool = False,
     checkpoint: str | Path | None = None,
     task_descriptions: Sequence[str] = (),
+    out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a finished (or checkpointed) run on its test data; writes RUN_DIR/eval*.json.
+
+    An earlier result is never replaced unless ``overwrite`` (`results_path`): a second evaluation
+    of the mixture writes eval-2.json, of the base model eval_base-2.json, or ``out``.
 
     ``task_descriptions`` ("TEXT" for every test task, or "TASK=TEXT") replace the routers' task
     descriptions; a described test task the run never trained on is evaluated as a held-out task
@@ -400,7 +432,9 @@ def run(
     """
     from accelerate import Accelerator
 
-    run_dir = Path(run_dir)
+    from lomix.recipes.runs import resolve_run_dir
+
+    run_dir = resolve_run_dir(run_dir)  # RUN or RUN/mixture
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(str(run_dir), "not a lomix run folder (it has no config.yaml)")
@@ -412,9 +446,12 @@ def run(
     mixture_dir = Path(checkpoint) / "mixture" if checkpoint else run_dir / "mixture"
     if not base and not (mixture_dir / lomix.CONFIG_NAME).is_file():
         raise ConfigError(str(mixture_dir), "holds no saved mixture (did training finish? pass --checkpoint DIR)")
+    path = results_path(run_dir, base, out, overwrite)  # before the work: a taken --out fails now
     accelerator = Accelerator(cpu=cpu_processes())
     with accelerator.main_process_first():
-        test = load_test_examples(cfg.data)
+        test = [e for e in load_test_examples(cfg.data) if not e.is_text]  # raw text has no answer to score
+        if not test:
+            raise ConfigError("data.test", "holds raw text only: nothing to score (train.eval_every logs its loss)")
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     tasks = describe_tasks(tasks, task_descriptions, sorted({e.task for e in test}))
     check_test_tasks(set(tasks.names), test)
@@ -426,11 +463,10 @@ def run(
     results = evaluate_model(
         model, Formatter(tokenizer, cfg.data), test, tasks, cfg.eval, accelerator, cfg.train.progress, "eval"
     )
-    name = "eval_base.json" if base else "eval.json"
     if accelerator.is_main_process:
-        write_json(run_dir / name, results)
+        write_json(path, results)
         print(results_table({"base" if base else "mixture": results}))
-        print(f"wrote {run_dir / name}")
+        print(f"wrote {path}")
     return results
 
 
@@ -482,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--task-description", action="append", default=[], help="TEXT or TASK=TEXT (held-out tasks); repeatable"
     )
+    parser.add_argument("--out", "-o", default=None, help="the result file; default: the next free eval[-N].json")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing result instead of numbering")
     args = parser.parse_args(argv)
     run(
         args.run_dir,
@@ -489,6 +527,8 @@ def main(argv: list[str] | None = None) -> None:
         base=args.base,
         checkpoint=args.checkpoint,
         task_descriptions=args.task_description,
+        out=args.out,
+        overwrite=args.overwrite,
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,11 +49,15 @@ def task_route(run: LoadedRun, task: str | None) -> dict[str, Any]:
 
 
 def run(
-    run_dir: str | Path, fmt: Literal["merged", "peft", "lomix"], out: str | Path, task: str | None = None
+    run_dir: str | Path,
+    fmt: Literal["merged", "peft", "lomix"],
+    out: str | Path,
+    task: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise ConfigError("--format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, overrides)
     route = task_route(loaded, task)
     out = Path(out)
     if fmt == "lomix":

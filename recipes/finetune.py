@@ -55,13 +55,15 @@ from lomix.recipes.data import (
     Formatter,
     ListDataset,
     TaskSet,
+    Truncation,
     load_examples,
     task_set,
     tokenize,
 )
-from lomix.recipes.evaluation import evaluate_model, results_table, write_json
+from lomix.recipes.evaluation import BASE_RESULTS, RESULTS, evaluate_model, results_table, write_json
 from lomix.recipes.hooks import batch_loss_for, build_mixture, resolve_tasks
 from lomix.recipes.losses import answer_loss_sum, answer_tokens, forward
+from lomix.recipes.portable import absolute_paths
 from lomix.stats import RoutingStats
 
 CHECKPOINTS = "checkpoints"
@@ -228,6 +230,7 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     from accelerate.utils import set_seed
 
     cfg = copy.deepcopy(cfg)  # the build resolves the mixture (task names, few-shot start) in the run's copy
+    absolute_paths(cfg)  # the saved config.yaml works from any working directory
     quantization.check(cfg.model, cfg.train)  # a missing bitsandbytes is named before anything loads
     trackers.prepare(cfg.train)  # so is a missing tracker (accelerate would only warn)
     out = check_output_dir(cfg)
@@ -251,7 +254,11 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     tasks = task_set(train_examples, cfg.data)
     data_tasks, tasks = tasks.names, resolve_tasks(cfg, tasks)  # task routers: ids follow their rows
     formatter = Formatter(tokenizer, cfg.data)
-    features = tokenize(train_examples, formatter, tasks)
+    truncation = Truncation()
+    features = tokenize(train_examples, formatter, tasks, truncation)
+    cut = truncation.report(cfg.data)  # raises above data.max_truncated
+    if cut and accelerator.is_main_process:
+        print(cut, flush=True)
 
     if cfg.model.quantized:  # QLoRA-style: fp32 norms, no CPU repacking of 4-bit weights while training
         prepare_kbit_training(model)
@@ -665,19 +672,21 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
     """Fine-tune, save, evaluate. Returns {"records", "before", "after"} (evaluations may be None)."""
     run = setup(cfg, build)
     accelerator, out = run.accelerator, run.out
-    evaluate = bool(run.test)
+    scored = [e for e in run.test or [] if not e.is_text]  # raw text has no answer to score
+    evaluate = bool(scored)
     before = after = None
     if evaluate and cfg.eval.before_training:
-        if (out / "eval_before.json").is_file() and run.state.step > 0:
-            before = json.loads((out / "eval_before.json").read_text())
+        saved = next((out / n for n in BASE_RESULTS if (out / n).is_file()), None)  # a resumed run has it
+        if saved is not None and run.state.step > 0:
+            before = json.loads(saved.read_text())
         else:
             with lomix.disabled(run.unwrapped):
                 before = evaluate_model(
-                    run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval, accelerator, cfg.train.progress,
+                    run.unwrapped, run.formatter, scored, run.tasks, cfg.eval, accelerator, cfg.train.progress,
                     "eval (base model)",
                 )  # fmt: skip
             if accelerator.is_main_process:
-                write_json(out / "eval_before.json", before)
+                write_json(out / BASE_RESULTS[0], before)
                 run.print(results_table({"base": before}))
 
     start = time.perf_counter()
@@ -687,6 +696,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         lomix.save(run.unwrapped, out / "mixture", metadata={"steps": str(run.state.step)})
+        run.tokenizer.save_pretrained(out / "mixture")  # the mixture folder is usable on its own
     losses = [r["loss"] for r in records if "loss" in r]
     if losses:
         head, tail = losses[: max(1, len(losses) // 5)], losses[-max(1, len(losses) // 5) :]
@@ -696,11 +706,11 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
         )
     if evaluate and cfg.eval.after_training:
         after = evaluate_model(
-            run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval, accelerator, cfg.train.progress,
+            run.unwrapped, run.formatter, scored, run.tasks, cfg.eval, accelerator, cfg.train.progress,
             "eval (mixture)",
         )  # fmt: skip
         if accelerator.is_main_process:
-            write_json(out / "eval.json", after)
+            write_json(out / RESULTS, after)
             columns = {"base": before, "mixture": after} if before else {"mixture": after}
             run.print("\n" + results_table(columns))
     if cfg.train.trackers:

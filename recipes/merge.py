@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ def write_run(run: LoadedRun, out: str | Path, report: dict[str, Any], evaluatio
     with atomic_directory(out) as tmp:
         copy_run_files(run.directory, tmp)
         lomix.save(run.model, tmp / "mixture", metadata={"merged_from": str(run.directory)})
+        run.tokenizer.save_pretrained(tmp / "mixture")  # as a trained run's mixture: usable on its own
         (tmp / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
         if evaluation is not None:
             (tmp / "eval.json").write_text(json.dumps(evaluation, indent=2, sort_keys=True) + "\n")
@@ -91,11 +93,12 @@ def run(
     evaluate: bool = False,
     eval_per_task: int | None = None,
     seed: int = 0,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, overrides)
     torch.manual_seed(seed)
     stats = calibrate(loaded, calibration_per_task, batch_size)
-    teacher = load_run(run_dir).model if recover_steps else None
+    teacher = load_run(run_dir, overrides).model if recover_steps else None
     report = merge_run(
         loaded, options, stats=stats, teacher=teacher, recover_steps=recover_steps, recover_lr=recover_lr,
         batch_size=batch_size, seed=seed,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +118,15 @@ def write(out: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def run(
-    run_dir: str | Path, out: str | Path, data: str = "test", per_task: int | None = 32, batch_size: int = 8
+    run_dir: str | Path,
+    out: str | Path,
+    data: str = "test",
+    per_task: int | None = 32,
+    batch_size: int = 8,
+    overrides: Sequence[str] = (),
 ) -> dict:
-    loaded = load_run(run_dir)
+    """Routing statistics of ``run_dir``'s mixture (its config with ``overrides``) on ``data``."""
+    loaded = load_run(run_dir, overrides)
     examples = run_examples(loaded, data, per_task)
     overall, tasks = collect(loaded, examples, batch_size)
     payload = report(overall, tasks)
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", default="test", help="train, test or a data file")
-    parser.add_argument("--per-task", type=int, default=32)
+    parser.add_argument("--max-examples-per-task", "--per-task", dest="per_task", type=int, default=32)
     args = parser.parse_args(argv)
     run(args.run_dir, args.out, args.data, args.per_task)
 

@@ -36,9 +36,20 @@ class LoadedRun:
     formatter: Formatter
 
 
+def resolve_run_dir(path: str | Path) -> Path:
+    """The run folder ``path`` names: itself, or the run that holds it when it is the run's mixture/
+    folder (every verb takes RUN or RUN/mixture)."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file() and (path / lomix.CONFIG_NAME).is_file():
+        if all((path.parent / name).is_file() for name in RUN_FILES):
+            return path.parent
+    return path
+
+
 def check_run_dir(run_dir: str | Path) -> Path:
-    """``run_dir`` if it holds config.yaml, tasks.json and a saved mixture; else an error naming what is missing."""
-    run_dir = Path(run_dir)
+    """``run_dir`` (or the run holding it, `resolve_run_dir`) if it holds config.yaml, tasks.json and
+    a saved mixture; else an error naming what is missing."""
+    run_dir = resolve_run_dir(run_dir)
     for name in RUN_FILES:
         if not (run_dir / name).is_file():
             raise ConfigError(str(run_dir), f"not a lomix run folder: it has no {name} (written by `lomix train`)")
@@ -104,4 +115,13 @@ def copy_run_files(source: Path, target: Path) -> None:
         shutil.copyfile(source / name, target / name)
 
 
-__all__ = ["LoadedRun", "batches", "check_run_dir", "copy_run_files", "load_run", "model_inputs", "run_examples"]
+__all__ = [
+    "LoadedRun",
+    "batches",
+    "check_run_dir",
+    "copy_run_files",
+    "load_run",
+    "model_inputs",
+    "resolve_run_dir",
+    "run_examples",
+]

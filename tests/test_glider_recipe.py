@@ -145,7 +145,8 @@ def test_lomix_glider_and_eval_with_a_task_description_for_a_held_out_task(libra
         "oddness=Tell whether a whole number is even or odd.",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    table = json.loads((out / "eval.json").read_text())
+    assert json.loads((out / "eval.json").read_text()) == first  # the run's own result is kept
+    table = json.loads((out / "eval-2.json").read_text())
     assert set(table["tasks"]) == {"oddness"} and table["tasks"]["oddness"]["n"] == 2  # eval.max_examples_per_task
     tasks = json.loads((out / "tasks.json").read_text())
     assert "oddness" not in tasks["tasks"]  # the run's own task list is unchanged

@@ -64,7 +64,7 @@ def reference(assets):
 def test_train_writes_a_complete_run_folder(reference):
     run, _, result = reference
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "config.yaml", "eval.json", "eval_before.json", "log.jsonl", "logs", "mixture", "tasks.json"
+        "checkpoints", "config.yaml", "eval.json", "eval_base.json", "log.jsonl", "logs", "mixture", "tasks.json"
     ]  # fmt: skip
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
     assert (run / "mixture" / lomix.CONFIG_NAME).is_file() and (run / "mixture" / lomix.WEIGHTS_NAME).is_file()
@@ -93,18 +93,48 @@ def test_the_saved_mixture_loads_into_a_fresh_base(reference, assets):
     assert any(float(layer.experts.B.abs().max()) > 0 for _, layer in lomix.mixture_layers(model))
 
 
-def test_eval_recomputes_the_final_table_and_the_base_model(reference):
+def test_eval_recomputes_the_final_table_and_the_base_model(reference, tmp_path):
+    import shutil
+
     run, _, _ = reference
+    run = Path(shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints", "logs")))
     after = json.loads((run / "eval.json").read_text())
-    before = json.loads((run / "eval_before.json").read_text())
-    result = lomix_cli("eval", run, "eval.max_new_tokens=4")
+    before = json.loads((run / "eval_base.json").read_text())
+    # From another working directory, and without replacing training's result: eval-2.json.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = lomix_cli("eval", run, "eval.max_new_tokens=4", cwd=elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run / "eval.json").read_text()) == after
-    assert "| **mean** |" in result.stdout
+    assert json.loads((run / "eval-2.json").read_text()) == after
+    assert "| **mean** |" in result.stdout and f"wrote {run / 'eval-2.json'}" in result.stdout
     # The base model alone (no lomix at all) scores exactly what the disabled mixture scored.
     base = lomix_cli("eval", run, "--base", "eval.max_new_tokens=4")
     assert base.returncode == 0, base.stderr[-3000:]
-    assert json.loads((run / "eval_base.json").read_text()) == before
+    assert json.loads((run / "eval_base-2.json").read_text()) == before
+    # --out names the file; an existing one is replaced only with --overwrite (checked before any work).
+    taken = lomix_cli("eval", run, "--out", run / "eval.json")
+    assert taken.returncode == 2 and "--overwrite" in taken.stderr and "Traceback" not in taken.stderr
+    again = lomix_cli("eval", run, "eval.max_new_tokens=4", "-o", run / "eval.json", "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run / "eval.json").read_text()) == after
+    assert not (run / "eval-3.json").exists()
+
+
+def test_a_run_folder_is_portable(reference, assets):
+    from transformers import AutoTokenizer
+
+    run, _, _ = reference
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    # (tests/test_portable.py: relative paths are saved absolute)
+    assert saved["data"]["train"] == str(assets[2]) and saved["model"]["name_or_path"] == str(assets[1])
+    assert saved["output_dir"] == str(run)
+    # the tokenizer travels with the mixture
+    tokenizer = AutoTokenizer.from_pretrained(run / "mixture")
+    reference_tokenizer = AutoTokenizer.from_pretrained(assets[1])
+    text = "is 3 even or odd"
+    assert tokenizer(text)["input_ids"] == reference_tokenizer(text)["input_ids"]
+    assert tokenizer.chat_template == reference_tokenizer.chat_template
 
 
 def test_eval_reroute_flags_reach_the_evaluation(reference, tmp_path):
@@ -121,7 +151,7 @@ def test_eval_reroute_flags_reach_the_evaluation(reference, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     expected = evaluation.run(copy, ["eval.max_new_tokens=4", "eval.reroute_steps=2", "eval.reroute_every=2",
                                      "eval.reroute_lr=0.05", "train.progress=false"])  # fmt: skip
-    assert json.loads((copy / "eval.json").read_text()) == json.loads(json.dumps(expected))
+    assert json.loads((copy / "eval-2.json").read_text()) == json.loads(json.dumps(expected))
 
 
 def test_resume_from_a_checkpoint_continues_exactly(reference, tmp_path):

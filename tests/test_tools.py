@@ -122,8 +122,8 @@ def test_merge_then_inspect_the_merged_run(runs):
     root, model_dir, topk, _ = runs
     merged = root / "merged"
     result = lomix_cli(
-        "merge", topk, "--experts", 2, "--out", merged, "--calibration", 4, "--recover-steps", 2,
-        "--eval", "--eval-per-task", 2,
+        "merge", topk, "eval.max_examples_per_task=2", "--experts", 2, "--out", merged, "--max-examples-per-task", 4,
+        "--recover-steps", 2, "--eval",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in merged.iterdir()) == [
@@ -134,7 +134,9 @@ def test_merge_then_inspect_the_merged_run(runs):
     assert report["experts_before"] == 4 * len(layers) and report["experts_after"] == 2 * len(layers)
     assert report["bytes_after"] < report["bytes_before"]
     assert [r["step"] for r in report["recovery"]] == [1, 2] and all(r["kl"] >= 0 for r in report["recovery"])
-    assert set(json.loads((merged / "eval.json").read_text())["tasks"]) == {"color", "echo", "parity"}
+    scored = json.loads((merged / "eval.json").read_text())["tasks"]
+    assert set(scored) == {"color", "echo", "parity"}
+    assert all(task["n"] == 2 for task in scored.values())  # the override eval.max_examples_per_task=2
     model = _load(model_dir, merged / "mixture")
     sizes = [layer.experts.num_experts for _, layer in lomix.mixture_layers(model)]
     assert sum(sizes) == 2 * len(layers) and min(sizes) >= 1  # a global budget: 2 per layer on average
@@ -145,7 +147,7 @@ def test_merge_then_inspect_the_merged_run(runs):
     assert not torch.allclose(_logits(model), _logits(_load(model_dir, plain / "mixture")))
 
     out = root / "report"
-    result = lomix_cli("inspect", merged, "--data", "test", "--out", out, "--per-task", 3)
+    result = lomix_cli("inspect", merged / "mixture", "--data", "test", "--out", out, "--max-examples-per-task", 3)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["load_heatmap.png", "routing.json", "task_heatmap.png"]
     for png in ("load_heatmap.png", "task_heatmap.png"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from lomix.cli.commands import fail
+from lomix.cli.commands import fail, out_as_output_dir
 from lomix.errors import LomixError
 
 RECIPES = ("glider",)  # recipe scripts this method ships (`lomix recipes ls`)
@@ -104,6 +104,7 @@ def glider(
     overrides: list[str] | None = typer.Argument(
         None, help="Dotted key=value overrides: library.path=LIB router.alpha=100 library.exclude=[task]."
     ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="The run folder to write (the same as output_dir=OUT)."),
 ) -> None:
     """Route over an expert library with GLIDER and evaluate on the config's test tasks.
 
@@ -114,7 +115,7 @@ def glider(
     from lomix.recipes.config import load_config
 
     try:
-        run(load_config(config, overrides or []))
+        run(load_config(config, out_as_output_dir(overrides, out)))
     except LomixError as exc:
         raise fail(exc) from None
 

@@ -19,8 +19,9 @@ class LibraryConfig:
     path: str | None = field(
         default=None,
         metadata={
+            "path": True,
             "help": "the expert library folder (lomix library add); `lomix glider` routes over its experts with "
-            "the glider router"
+            "the glider router",
         },
     )
     exclude: list[str] = field(
@@ -41,9 +42,11 @@ class LibraryConfig:
     describe_with: str | None = field(
         default=None,
         metadata={
+            "path": True,
+            "keywords": ("base",),
             "help": "a local causal LM (folder, hub id or pypi:<package>; 'base': model.name_or_path) that writes "
             "missing task descriptions from a few training examples; null: descriptions are user-written "
-            "(data.task_descriptions) or the library's own"
+            "(data.task_descriptions) or the library's own",
         },
     )
     describe_gguf_file: str | None = field(

@@ -21,6 +21,7 @@ share of tokens whose top-k includes that expert and its share of the gate mass,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -41,6 +42,7 @@ from lomix.recipes.data import Collator, Example, Formatter, TaskSet, load_examp
 from lomix.recipes.evaluation import evaluate_model, results_table, select_examples, write_json
 from lomix.recipes.finetune import check_output_dir, write_text
 from lomix.recipes.losses import answer_loss_sum, answer_tokens, forward
+from lomix.recipes.portable import absolute_paths
 from lomix.recipes.runs import load_run, model_inputs, run_examples
 from lomix.stats import RoutingStats
 
@@ -322,9 +324,12 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     )
     cfg = dataclasses.replace(cfg, mixture=model.lomix_state.config)  # what was built; the caller's cfg stays
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", cfg.to_yaml())
+    saved = copy.deepcopy(cfg)
+    absolute_paths(saved)  # the run folder works from any working directory
+    write_text(out / "config.yaml", saved.to_yaml())
     write_text(out / "tasks.json", json.dumps(tasks.to_dict(), indent=2) + "\n")
     lomix.save(model, out / "mixture", metadata={"library": str(library.path)})
+    tokenizer.save_pretrained(out / "mixture")
     print(
         f"lomix glider: {len(cfg.router.experts)} experts ({', '.join(cfg.router.experts)}), k={cfg.router.k}, "
         f"alpha={cfg.router.alpha:g}; mixture saved to {out / 'mixture'}",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lomix.cli.commands import fail
+from lomix.cli.commands import fail, out_as_output_dir
 from lomix.errors import LomixError
 
 RECIPES = ("loramixer",)  # recipe scripts this method ships (`lomix recipes ls`)
@@ -17,6 +17,7 @@ def loramixer(
     overrides: list[str] | None = typer.Argument(
         None, help="Dotted key=value overrides: loramixer.hard_steps=20 router.k=2 loramixer.adapters='[./a, ./b]'."
     ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="The run folder to write (the same as output_dir=OUT)."),
 ) -> None:
     """LoRA-Mixer: hard (label-routed experts) then soft (router) stage; sparse top-K at inference.
 
@@ -30,7 +31,7 @@ def loramixer(
     from lomix.recipes.config import load_config
 
     try:
-        recipe.run(load_config(config, overrides or []))
+        recipe.run(load_config(config, out_as_output_dir(overrides, out)))
     except LomixError as exc:
         raise fail(exc) from None
 

@@ -20,8 +20,9 @@ class LoramixerConfig:
     adapters: list[str] = field(
         default_factory=list,
         metadata={
+            "path": True,
             "help": "plug-and-play: PEFT LoRA adapters (folders or hub ids namespace/name[@rev]) as the frozen "
-            "experts, expert j = adapters[j]; no hard stage, only the router trains. Empty: train the experts"
+            "experts, expert j = adapters[j]; no hard stage, only the router trains. Empty: train the experts",
         },
     )
     hard_steps: int | None = field(
@@ -30,8 +31,9 @@ class LoramixerConfig:
     init_from: str | None = field(
         default=None,
         metadata={
+            "path": True,
             "help": "a finished hard stage (its run folder or mixture folder): skip the hard stage and start the "
-            "soft stage from its experts (e.g. several soft-stage settings from one hard stage)"
+            "soft stage from its experts (e.g. several soft-stage settings from one hard stage)",
         },
     )
     soft_steps: int | None = field(

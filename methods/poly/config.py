@@ -19,8 +19,9 @@ class FewshotConfig:
     init_from: str | None = field(
         default=None,
         metadata={
+            "path": True,
             "help": "a finished run folder (its mixture/) or a lomix mixture folder to start from; null: a fresh "
-            "mixture. When set, the mixture and router sections come from that mixture (yours are ignored)"
+            "mixture. When set, the mixture and router sections come from that mixture (yours are ignored)",
         },
     )
     method: Literal["mhr_z", "mhr_mu", "continue"] = field(
