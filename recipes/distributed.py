@@ -18,10 +18,10 @@ tensors outside the training forward (saving or loading the mixture, evaluation)
 `full_parameters`, which gathers them on every process. A forward of a sharded model is a
 collective: evaluation then runs the same examples on every process (not shared out) so that the
 processes stay in step. lomix checkpoints hold the mixture only, never the frozen base, so
-accelerate's own FSDP model files are not written (`checkpoint_io`).
+accelerate's own FSDP model files are not written (`save_state`).
 
-DeepSpeed: `make_accelerator` refuses ``ACCELERATE_USE_DEEPSPEED`` on a machine without GPUs with
-the reason (see `deepspeed_refusal`).
+DeepSpeed (ZeRO-2) runs on CPU processes too: accelerate starts it there once gloo is named.
+ZeRO-3 is refused with the reason (`check_deepspeed`).
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def is_fsdp(accelerator) -> bool:
 
 @contextlib.contextmanager
 def full_parameters(accelerator, model: torch.nn.Module, writeback: bool = False, rank0_only: bool = False):
-    """Whole parameters inside (gathered on every process, or on the main one with ``rank0_only``)
-    under FSDP; written back to the shards on exit with ``writeback``. Elsewhere nothing to do.
-    Every process must enter it."""
+    """Whole parameters inside under FSDP (gathered on every process, or on the main one with
+    ``rank0_only``), written back to the shards on exit with ``writeback``. Elsewhere (DDP,
+    DeepSpeed ZeRO-2) the parameters are whole already. Every process must enter it."""
     if not is_fsdp(accelerator):
         yield
         return
@@ -106,6 +106,12 @@ def full_parameters(accelerator, model: torch.nn.Module, writeback: bool = False
 
     with FSDP.summon_full_params(model, writeback=writeback, rank0_only=rank0_only):
         yield
+
+
+def evaluation_parameters(accelerator, model: torch.nn.Module):
+    """Around an evaluation: FSDP's root parameters are whole only inside `full_parameters` (the
+    evaluation calls the unwrapped model, not FSDP's wrapper)."""
+    return full_parameters(accelerator, model)
 
 
 def evaluation_accelerator(accelerator):
@@ -163,12 +169,24 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+ZERO3_REFUSAL = (
+    "zero_stage: DeepSpeed ZeRO-3 does not run lomix: it partitions every parameter and gathers a module's "
+    "parameters only around that module's own forward, while a mixture layer reads its experts' factors "
+    "itself (the second step's backward fails on a partitioned parameter); use deepspeed_zero2.yaml, "
+    "or fsdp.yaml to shard the frozen base"
+)
+
+
 def check_deepspeed(accelerator, grad_accum: int, max_grad_norm: float) -> None:
     """DeepSpeed owns accumulation and clipping once it wraps the optimizer: its config must say
-    what lomix's does (accelerate would silently take DeepSpeed's accumulation)."""
+    what lomix's does (accelerate would silently take DeepSpeed's accumulation). ZeRO-3 is refused
+    (`ZERO3_REFUSAL`), before the base model loads."""
     if not is_deepspeed(accelerator):
         return
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.zero_stage == 3:
+        raise ConfigError("accelerate config", ZERO3_REFUSAL)
+    config = plugin.deepspeed_config
     steps = config.get("gradient_accumulation_steps", "auto")
     if steps != "auto" and int(steps) != grad_accum:
         raise ConfigError(

@@ -493,7 +493,7 @@ def held_out_loss(run: Run) -> float:
     shared = distributed.evaluation_accelerator(run.accelerator) is not None  # FSDP: all on every process
     indices = list(range(len(features)))
     with (
-        distributed.full_parameters(run.accelerator, run.model),
+        distributed.evaluation_parameters(run.accelerator, run.model),
         run.accelerator.split_between_processes(indices) if shared else contextlib.nullcontext(indices) as mine,
     ):
         for start in range(0, len(mine), size):
@@ -681,7 +681,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
         if (out / "eval_before.json").is_file() and run.state.step > 0:
             before = json.loads((out / "eval_before.json").read_text())
         else:
-            with distributed.full_parameters(accelerator, run.model), lomix.disabled(run.unwrapped):
+            with distributed.evaluation_parameters(accelerator, run.model), lomix.disabled(run.unwrapped):
                 before = evaluate_model(
                     run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval,
                     distributed.evaluation_accelerator(accelerator), cfg.train.progress and accelerator.is_main_process,
@@ -707,7 +707,7 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
             f"(last steps), {len(records)} log records, {minutes:.1f} min; mixture saved to {out / 'mixture'}"
         )
     if evaluate and cfg.eval.after_training:
-        with distributed.full_parameters(accelerator, run.model):
+        with distributed.evaluation_parameters(accelerator, run.model):
             after = evaluate_model(
                 run.unwrapped, run.formatter, run.test, run.tasks, cfg.eval,
                 distributed.evaluation_accelerator(accelerator), cfg.train.progress and accelerator.is_main_process,

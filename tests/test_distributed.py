@@ -167,11 +167,11 @@ def test_deepspeed_zero2_on_two_gloo_processes_matches_one_process_and_resumes_e
     check_sharded_mode("deepspeed_zero2.yaml", one_process_reference, "zero2")
 
 
-def test_deepspeed_must_accumulate_and_clip_like_the_recipe():
+def test_deepspeed_must_accumulate_and_clip_like_the_recipe_and_zero3_is_refused():
     from accelerate.utils import DistributedType
 
-    def accelerator(**config):
-        plugin = SimpleNamespace(deepspeed_config=config)
+    def accelerator(zero_stage=2, **config):
+        plugin = SimpleNamespace(deepspeed_config=config, zero_stage=zero_stage)
         return SimpleNamespace(
             distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin)
         )
@@ -182,3 +182,5 @@ def test_deepspeed_must_accumulate_and_clip_like_the_recipe():
         distributed.check_deepspeed(accelerator(gradient_accumulation_steps=1, gradient_clipping=1.0), 2, 1.0)
     with pytest.raises(ConfigError, match=r"train.max_grad_norm.*gradient_clipping is 1\.0"):
         distributed.check_deepspeed(accelerator(gradient_accumulation_steps=1, gradient_clipping=1.0), 1, 0.0)
+    with pytest.raises(ConfigError, match=r"ZeRO-3 does not run lomix.*deepspeed_zero2\.yaml"):
+        distributed.check_deepspeed(accelerator(zero_stage=3, gradient_accumulation_steps=1), 1, 1.0)
