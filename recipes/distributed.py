@@ -68,11 +68,6 @@ def cpu_fsdp_plugin():
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
 
-    PartialState(cpu=True)  # joins the gloo group (accelerate's MULTI_CPU set-up)
-    # accelerate takes the FSDP plugin only for a multi-device group; the device stays the CPU.
-    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-    # FSDP compares its device_id with the CPU's current device, "cpu" (accelerate's CPU device is "cpu:0")
-    PartialState._shared_state["device"] = torch.device("cpu")
     plugin = FullyShardedDataParallelPlugin(
         sync_module_states=False,
         state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
@@ -85,6 +80,11 @@ def cpu_fsdp_plugin():
             "accelerate config",
             "fsdp_use_orig_params must be true: a wrapped block mixes frozen base weights and trainable experts",
         )
+    PartialState(cpu=True)  # joins the gloo group (accelerate's MULTI_CPU set-up)
+    # accelerate takes the FSDP plugin only for a multi-device group; the device stays the CPU.
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    # FSDP compares its device_id with the CPU's current device, "cpu" (accelerate's CPU device is "cpu:0")
+    PartialState._shared_state["device"] = torch.device("cpu")
     return plugin
 
 

@@ -52,9 +52,10 @@ def launch(config_name: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    """The logged training losses (or held-out losses with ``key="eval_loss"``), step by step."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [record[key] for record in records if key in record]
 
 
 def mixture(run_dir: Path) -> dict:
@@ -114,9 +115,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 @pytest.fixture(scope="module")
 def one_process_reference(tmp_path_factory):
     """(folder, config file, reference run) of 4 steps of global batch 4 in one process, with a
-    checkpoint every 2 steps in the sharded runs that are compared with it."""
+    held-out loss every 2 steps, and a checkpoint every 2 steps in the sharded runs that are
+    compared with it."""
     tmp = tmp_path_factory.mktemp("sharded")
-    path = write_config(tmp / "run.yaml", quiet_config(tmp, max_steps=4, save_every=2))
+    path = write_config(tmp / "run.yaml", quiet_config(tmp, max_steps=4, save_every=2, eval_every=2))
     run([*LOMIX, "train", str(path), f"output_dir={tmp / 'one'}", "train.grad_accum=2"])
     return tmp, path, tmp / "one"
 
@@ -130,6 +132,8 @@ def check_sharded_mode(config_name: str, reference, name: str) -> Path:
     result = launch(config_name, str(path), f"output_dir={two}")
     assert "global batch 4, 2 process(es)" in result.stdout
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert len(losses(one, "eval_loss")) == 2
+    assert losses(two, "eval_loss") == pytest.approx(losses(one, "eval_loss"), rel=1e-5)
     assert_same_mixture(mixture(one), mixture(two), rel=1e-5)
     one_eval = json.loads((one / "eval.json").read_text())
     two_eval = json.loads((two / "eval.json").read_text())
@@ -184,3 +188,17 @@ def test_deepspeed_must_accumulate_and_clip_like_the_recipe_and_zero3_is_refused
         distributed.check_deepspeed(accelerator(gradient_accumulation_steps=1, gradient_clipping=1.0), 1, 0.0)
     with pytest.raises(ConfigError, match=r"ZeRO-3 does not run lomix.*deepspeed_zero2\.yaml"):
         distributed.check_deepspeed(accelerator(zero_stage=3, gradient_accumulation_steps=1), 1, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [("FSDP_VERSION", "2", "fsdp_version 1 only"), ("FSDP_USE_ORIG_PARAMS", "false", "use_orig_params must be true")],
+)
+def test_cpu_fsdp_refuses_what_it_cannot_run_before_joining_a_group(monkeypatch, variable, value, message):
+    from accelerate.state import PartialState
+
+    monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "true")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=message):
+        distributed.cpu_fsdp_plugin()
+    assert PartialState._shared_state == {}  # refused before accelerate's state was set up
