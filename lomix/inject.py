@@ -93,10 +93,18 @@ def find_targets(model: nn.Module, config: MixtureConfig) -> list[str]:
     return selected
 
 
+# Modules that wrappers put between a model's own modules (FSDP's units, activation checkpointing,
+# torch.compile): left out of a layer's name, so a mixture saved from a wrapped model has the plain
+# model's keys.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
 def mixture_layers(model: nn.Module) -> Iterator[tuple[str, MixtureLinear]]:
-    """(name, layer) for every `MixtureLinear` in ``model``."""
+    """(name, layer) for every `MixtureLinear` in ``model``; names as in the unwrapped model."""
     for name, module in model.named_modules():
         if isinstance(module, MixtureLinear):
+            for segment in WRAPPER_SEGMENTS:
+                name = name.replace(segment, "")
             yield name, module
 
 

@@ -46,8 +46,8 @@ from lomix.checkpoint import mixture_state_dict, read_weights
 from lomix.errors import CheckpointError, ConfigError, LomixError
 from lomix.inject import check_targets_run
 from lomix.quant import prepare_kbit_training
-from lomix.recipes import hooks, quantization, trackers
-from lomix.recipes.assets import cpu_processes, load_model_and_tokenizer
+from lomix.recipes import distributed, hooks, quantization, trackers
+from lomix.recipes.assets import load_model_and_tokenizer
 from lomix.recipes.config import FinetuneConfig, TrainConfig, recipe_main
 from lomix.recipes.data import (
     Collator,
@@ -226,7 +226,6 @@ def completed_checkpoints(run_dir: Path) -> list[Path]:
 
 def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     """``build(model, cfg, tasks, data_tasks)`` puts the mixture into the model (a method's stages pass their own)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cfg = copy.deepcopy(cfg)  # the build resolves the mixture (task names, few-shot start) in the run's copy
@@ -235,14 +234,14 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     trackers.prepare(cfg.train)  # so is a missing tracker (accelerate would only warn)
     out = check_output_dir(cfg)
     checkpoint = find_checkpoint(cfg.resume_from) if cfg.resume_from else None
-    accelerator = Accelerator(
-        cpu=cpu_processes(),
+    accelerator = distributed.make_accelerator(  # DDP, FSDP (also on CPU processes) or DeepSpeed
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=cfg.train.trackers or None,
         project_dir=str(out / "logs"),
         step_scheduler_with_optimizer=False,
     )
+    distributed.check_deepspeed(accelerator, cfg.train.grad_accum, cfg.train.max_grad_norm)
 
     # Assets are prepared once (the first process converts and caches, the others then read).
     with accelerator.main_process_first():
@@ -308,13 +307,17 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
     check_targets_run(model, lambda: forward(model, probe), "mixture.target_modules")
 
     # accelerate would save and load the whole model, frozen base included: swap in the mixture.
+    # (Under FSDP accelerate passes no models to these hooks: they use the prepared model.)
     def save_mixture(models, weights, output_dir):
-        if accelerator.is_main_process:
-            lomix.save(accelerator.unwrap_model(models[0]), Path(output_dir) / "mixture")
+        with distributed.full_parameters(accelerator, model, rank0_only=True):
+            if accelerator.is_main_process:
+                lomix.save(accelerator.unwrap_model(model), Path(output_dir) / "mixture")
         weights.clear()
 
     def load_mixture(models, input_dir):
-        load_mixture_weights(accelerator.unwrap_model(models.pop()), Path(input_dir) / "mixture")
+        with distributed.full_parameters(accelerator, model, writeback=True):
+            load_mixture_weights(accelerator.unwrap_model(model), Path(input_dir) / "mixture")
+        models.clear()
 
     accelerator.register_save_state_pre_hook(save_mixture)
     accelerator.register_load_state_pre_hook(load_mixture)
@@ -334,7 +337,8 @@ def setup(cfg: FinetuneConfig, build=build_mixture) -> Run:
         trim_log(out / "log.jsonl", state.step)
     if cfg.train.trackers:
         accelerator.init_trackers("lomix", config=flat_config(cfg))
-    count = lomix.count_parameters(run.unwrapped)
+    with distributed.full_parameters(accelerator, model, rank0_only=True):  # FSDP: whole sizes, not shards
+        count = lomix.count_parameters(run.unwrapped)
     run.print(
         f"lomix: {len(list(lomix.mixture_layers(run.unwrapped)))} mixture layers of {cfg.mixture.num_experts} experts "
         f"r={cfg.mixture.rank}, router {cfg.mixture.router.name}; {count}\n"
@@ -370,7 +374,7 @@ def restore_checkpoint(accelerator, checkpoint: Path) -> TrainerState:
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{checkpoint / STATE_NAME}: cannot be read ({_one_line(exc)}); {inexact}") from None
     try:
-        accelerator.load_state(str(checkpoint))
+        distributed.load_state(accelerator, str(checkpoint))
     except CheckpointError:
         raise
     except Exception as exc:
@@ -454,7 +458,7 @@ def save_checkpoint(run: Run) -> Path:
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_directory(target)) if accelerator.is_main_process else None
         tmp = Path(broadcast_object_list([str(tmp) if tmp else None])[0])
-        accelerator.save_state(str(tmp))
+        distributed.save_state(accelerator, str(tmp))
         if accelerator.is_main_process:
             write_text(tmp / STATE_NAME, json.dumps(asdict(run.state), indent=2) + "\n")
         accelerator.wait_for_everyone()
@@ -493,14 +497,20 @@ def held_out_loss(run: Run) -> float:
     size = run.cfg.eval.batch_size
     model.eval()
     totals = torch.zeros(2, device=run.accelerator.device)
-    with run.accelerator.split_between_processes(list(range(len(features)))) as mine:
+    shared = distributed.evaluation_accelerator(run.accelerator) is not None  # FSDP: all on every process
+    indices = list(range(len(features)))
+    with (
+        distributed.evaluation_parameters(run.accelerator, run.model),
+        run.accelerator.split_between_processes(indices) if shared else contextlib.nullcontext(indices) as mine,
+    ):
         for start in range(0, len(mine), size):
             batch = collate([features[i] for i in mine[start : start + size]])
             batch = {k: v.to(run.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             totals[0] += answer_loss_sum(*forward(model, batch))
             totals[1] += answer_tokens(batch)
     model.train()
-    totals = run.accelerator.reduce(totals, reduction="sum")
+    if shared:
+        totals = run.accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1].clamp(min=1))
 
 
@@ -680,9 +690,10 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
         if saved is not None and run.state.step > 0:
             before = json.loads(saved.read_text())
         else:
-            with lomix.disabled(run.unwrapped):
+            with distributed.evaluation_parameters(accelerator, run.model), lomix.disabled(run.unwrapped):
                 before = evaluate_model(
-                    run.unwrapped, run.formatter, scored, run.tasks, cfg.eval, accelerator, cfg.train.progress,
+                    run.unwrapped, run.formatter, scored, run.tasks, cfg.eval,
+                    distributed.evaluation_accelerator(accelerator), cfg.train.progress and accelerator.is_main_process,
                     "eval (base model)",
                 )  # fmt: skip
             if accelerator.is_main_process:
@@ -694,9 +705,10 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
     minutes = (time.perf_counter() - start) / 60
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        lomix.save(run.unwrapped, out / "mixture", metadata={"steps": str(run.state.step)})
-        run.tokenizer.save_pretrained(out / "mixture")  # the mixture folder is usable on its own
+    with distributed.full_parameters(accelerator, run.model, rank0_only=True):
+        if accelerator.is_main_process:
+            lomix.save(run.unwrapped, out / "mixture", metadata={"steps": str(run.state.step)})
+            run.tokenizer.save_pretrained(out / "mixture")  # the mixture folder is usable on its own
     losses = [r["loss"] for r in records if "loss" in r]
     if losses:
         head, tail = losses[: max(1, len(losses) // 5)], losses[-max(1, len(losses) // 5) :]
@@ -705,10 +717,12 @@ def run(cfg: FinetuneConfig, build=build_mixture) -> dict[str, Any]:
             f"(last steps), {len(records)} log records, {minutes:.1f} min; mixture saved to {out / 'mixture'}"
         )
     if evaluate and cfg.eval.after_training:
-        after = evaluate_model(
-            run.unwrapped, run.formatter, scored, run.tasks, cfg.eval, accelerator, cfg.train.progress,
-            "eval (mixture)",
-        )  # fmt: skip
+        with distributed.evaluation_parameters(accelerator, run.model):
+            after = evaluate_model(
+                run.unwrapped, run.formatter, scored, run.tasks, cfg.eval,
+                distributed.evaluation_accelerator(accelerator), cfg.train.progress and accelerator.is_main_process,
+                "eval (mixture)",
+            )  # fmt: skip
         if accelerator.is_main_process:
             write_json(out / RESULTS, after)
             columns = {"base": before, "mixture": after} if before else {"mixture": after}

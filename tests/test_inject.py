@@ -389,3 +389,24 @@ def test_update_router_changes_every_layer_and_the_saved_config(llama_case, tmp_
     with pytest.raises(lomix.ConfigError, match=r"router\.k"):
         lomix.update_router(model, k=5)  # more than num_experts=4
     assert model.lomix_state.config.router.k == 3
+
+
+def test_a_mixture_saved_from_wrapped_layers_has_the_plain_models_keys(llama_case, tmp_path):
+    """FSDP units and activation-checkpoint wrappers insert a module into each wrapped layer's path;
+    the saved mixture must still load into the plain model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from lomix.checkpoint import mixture_state_dict
+
+    model, _ = build_pair(llama_case)
+    lomix.inject(model, mixture_config(llama_case))
+    randomize_experts(model)
+    plain = mixture_state_dict(model)
+    layers = model.model.layers
+    for i in range(len(layers)):
+        layers[i] = checkpoint_wrapper(layers[i])
+    assert any("_checkpoint_wrapped_module" in name for name, _ in model.named_modules())
+    wrapped = mixture_state_dict(model)
+    assert wrapped.keys() == plain.keys()
+    for key in plain:
+        assert torch.equal(wrapped[key], plain[key]), key
