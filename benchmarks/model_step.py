@@ -99,6 +99,21 @@ def forward_pass(model: torch.nn.Module, ids: torch.Tensor):
     return run
 
 
+def forced_sorted(step):
+    """``step`` run with the torch backend's dense strategy limited to E <= 4k (sorted beyond)."""
+    from lomix.kernels import torch_backend
+
+    def run() -> None:
+        saved = torch_backend.DENSE_MAX_MACS
+        torch_backend.DENSE_MAX_MACS = 0
+        try:
+            step()
+        finally:
+            torch_backend.DENSE_MAX_MACS = saved
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "llama-config"], default="smollm2")
@@ -110,6 +125,11 @@ def main() -> None:
         "--experts", type=int, nargs="+", default=[8], help="lomix mixtures to time (top-2 of E, r=8), e.g. 8 32 64"
     )
     parser.add_argument("--forward", action="store_true", help="also time forward passes (ratio to PEFT's forward)")
+    parser.add_argument(
+        "--also-sorted",
+        action="store_true",
+        help="for E > 4k also time the mixture with the sorted strategy forced (checks the dense/sorted rule)",
+    )
     parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/model_step_<model>_cpu.json)"
     )
@@ -126,11 +146,16 @@ def main() -> None:
         mixture, optimizer = build_lomix(base, experts)
         models[f"lomix_top2_of_{experts}_r8"] = mixture
         candidates[f"lomix_top2_of_{experts}_r8"] = training_step(mixture, optimizer, ids, True)
+        if args.also_sorted and experts > 8:
+            name = f"lomix_top2_of_{experts}_r8_sorted"
+            models[name], optimizer = build_lomix(base, experts)
+            candidates[name] = forced_sorted(training_step(models[name], optimizer, ids, True))
     del base
     baseline_of = {}
     if args.forward:
         for name, model in models.items():
-            candidates[f"{name} forward"] = forward_pass(model, ids)
+            forward = forward_pass(model, ids)
+            candidates[f"{name} forward"] = forced_sorted(forward) if name.endswith("_sorted") else forward
             baseline_of[f"{name} forward"] = "peft_lora_r16 forward"
     table = ratio_table(candidates, "peft_lora_r16", rounds=args.rounds, warmup=2, baseline_of=baseline_of)
     params = {name: lomix.count_parameters(model).trainable for name, model in models.items()}

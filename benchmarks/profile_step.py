@@ -42,6 +42,14 @@ KERNEL_PARTS = {
     "aten::reshape": "gather of expert factors",
     "aten::index_select": "gather of expert factors",
     "aten::index_add": "scatter of outputs",
+    "aten::cat": "gather of expert factors",
+    "aten::bmm": "kernel GEMMs",
+    "aten::softmax": "router rule (softmax, top-k, renormalise)",
+    "aten::_softmax": "router rule (softmax, top-k, renormalise)",
+    "aten::topk": "router rule (softmax, top-k, renormalise)",
+    "aten::div": "router rule (softmax, top-k, renormalise)",
+    "aten::sum": "router rule (softmax, top-k, renormalise)",
+    "aten::scatter": "masking (gate matrix)",
 }
 
 
@@ -84,6 +92,8 @@ def instrument() -> None:
     _wrap(lomix.layer.MixtureLinear, "forward", "adapted layer")
     _wrap(PeftLinear, "forward", "adapted layer")
     _wrap(lomix.layer.MixtureLinear, "_token_routed", "mixture kernel")
+    if hasattr(lomix.layer, "softmax_topk_dense_forward"):  # router + shrink in one GEMM (after issue 23)
+        _wrap(lomix.layer, "softmax_topk_dense_forward", "mixture kernel")
     _wrap(lomix.layer.MixtureLinear, "_record", "balance losses + routing record")
     _wrap(lomix.layer, "fused_layer_forward", "fused-path check")
     from lomix.routers.base import Router
@@ -157,6 +167,16 @@ def breakdown(prof) -> dict[str, float]:
     return dict(parts)
 
 
+def top_level_ops(prof) -> int:
+    """Number of aten ops the step dispatched from Python or autograd (not counting nested ops)."""
+    count = 0
+    for event in prof.events():
+        parent = event.cpu_parent
+        if event.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::")):
+            count += 1
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "llama-config"], default="smollm2")
@@ -188,12 +208,14 @@ def main() -> None:
     for fn in steps.values():  # warm-up (allocations, optimizer state)
         fn()
     totals: dict[str, dict[str, float]] = {name: defaultdict(float) for name in steps}
+    ops: dict[str, int] = {}
     for _ in range(args.steps):
         for name, fn in steps.items():  # alternate, like the timing harness
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 fn()
             for part, value in breakdown(prof).items():
                 totals[name][part] += value
+            ops[name] = top_level_ops(prof)
     reference = sum(totals["peft_lora_r16"].values())
     parts = sorted({p for t in totals.values() for p in t})
     names = list(steps)
@@ -217,6 +239,7 @@ def main() -> None:
         print(f"| {part} | " + " | ".join(cells) + " |")
     whole = {name: sum(totals[name].values()) / reference for name in names}
     print("| **whole step (profiled)** | " + " | ".join(f"100% ({whole[n]:.3f})" for n in names) + " |")
+    print("| aten ops dispatched per step | " + " | ".join(f"{ops[n]:,}" for n in names) + " |")
     out = args.out or f"benchmarks/results/profile_step_{args.model}_cpu.json"
     write_json(
         out,
@@ -228,6 +251,7 @@ def main() -> None:
             "targets": TARGETS,
             "parts": table,
             "whole_step_over_peft": whole,
+            "aten_ops_per_step": ops,
         },
     )
     print(f"\nwrote {out}")
