@@ -18,9 +18,16 @@ import torch
 
 
 def ratio_table(
-    candidates: dict[str, Callable[[], object]], baseline: str, rounds: int = 20, warmup: int = 3
+    candidates: dict[str, Callable[[], object]],
+    baseline: str,
+    rounds: int = 20,
+    warmup: int = 3,
+    baseline_of: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{name: {"median": r, "p25": r, "p75": r}} of each candidate's time over the baseline's."""
+    """{name: {"median": r, "p25": r, "p75": r}} of each candidate's time over the baseline's.
+
+    ``baseline_of`` gives some candidates another baseline of the same rounds (a forward-only
+    pass divided by the reference's forward-only pass, say)."""
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
@@ -32,7 +39,8 @@ def ratio_table(
             times[name].append(time.perf_counter() - start)
     result = {}
     for name, values in times.items():
-        ratios = sorted(v / b for v, b in zip(values, times[baseline], strict=True))
+        reference = times[(baseline_of or {}).get(name, baseline)]
+        ratios = sorted(v / b for v, b in zip(values, reference, strict=True))
         q = statistics.quantiles(ratios, n=4)
         result[name] = {"median": statistics.median(ratios), "p25": q[0], "p75": q[2]}
     return result

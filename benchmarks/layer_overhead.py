@@ -4,7 +4,7 @@
 
 Shapes from the foundation issue: T in {16, 1024}, d = 2048, r = 16, E = 8, k = 2, fp32, routing
 included. Also prints the dense-masked vs sorted strategy ratios over E, which calibrate the
-torch backend's automatic choice (DENSE_MAX_EXTRA_FLOPS).
+torch backend's automatic choice (`torch_backend.prefers_dense`).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main() -> None:
             max(args.rounds // 2, 8),
         )
         extra = torch_backend.dense_extra_flops(n_exp, rank, d, d)
-        picks = "dense" if extra <= torch_backend.DENSE_MAX_EXTRA_FLOPS else "sorted"
+        picks = "dense" if torch_backend.prefers_dense(n_exp, rank, d, d, k, 1024) else "sorted"
         print(f"| {n_exp} | {rank} | {extra:.3f} | {fmt(table['dense'])} | {fmt(table['sorted'])} | {picks} |")
         results["strategies"].append({"E": n_exp, "dense": table["dense"], "sorted": table["sorted"], "auto": picks})
     write_json(args.out, results)

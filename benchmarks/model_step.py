@@ -1,6 +1,7 @@
 """Whole-model training step on the CPU: lomix (top-2 of 8 experts, r=8) / PEFT LoRA (r=16).
 
     python benchmarks/model_step.py [--model smollm2|llama-config] [--batch 4] [--length 64] [--rounds 20]
+        [--experts 8 32 64] [--forward]
 
 Both adapt the same seven projections of the same frozen model (equal ACTIVE parameters per token:
 2 experts x r=8 = one LoRA of r=16) and run the same batch. A training step is zero_grad, forward,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 
 import torch
 from harness import fmt, machine, ratio_table, write_json
@@ -65,6 +67,53 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids:
     return step
 
 
+def build_lomix(base: torch.nn.Module, experts: int = 8):
+    """(mixture, AdamW) of top-2 of ``experts`` experts of rank 8 on a copy of ``base``."""
+    mixture = lomix.inject(
+        copy.deepcopy(base),
+        lomix.MixtureConfig(
+            target_modules=TARGETS, num_experts=experts, rank=8, alpha=16, router=lomix.router_config("topk", k=2)
+        ),
+    ).train()
+    with torch.no_grad():  # B starts at zero; give it values so that no work can be skipped
+        for _, layer in lomix.mixture_layers(mixture):
+            layer.experts.B.normal_(std=0.01)
+    return mixture, torch.optim.AdamW(lomix.parameter_groups(mixture, lr=1e-3))
+
+
+def build_peft(base: torch.nn.Module):
+    """(PEFT LoRA r=16 model, AdamW) on a copy of ``base``."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)).train()
+    return lora, torch.optim.AdamW(p for p in lora.parameters() if p.requires_grad)
+
+
+def forward_pass(model: torch.nn.Module, ids: torch.Tensor):
+    """A closure running one training-mode forward without autograd (the logits only)."""
+
+    def run() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    return run
+
+
+def forced_sorted(step):
+    """``step`` run with the torch backend's dense strategy limited to E <= 4k (sorted beyond)."""
+    from lomix.kernels import torch_backend
+
+    def run() -> None:
+        saved = torch_backend.DENSE_MAX_MACS
+        torch_backend.DENSE_MAX_MACS = 0
+        try:
+            step()
+        finally:
+            torch_backend.DENSE_MAX_MACS = saved
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "llama-config"], default="smollm2")
@@ -73,60 +122,65 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--experts", type=int, nargs="+", default=[8], help="lomix mixtures to time (top-2 of E, r=8), e.g. 8 32 64"
+    )
+    parser.add_argument("--forward", action="store_true", help="also time forward passes (ratio to PEFT's forward)")
+    parser.add_argument(
+        "--also-sorted",
+        action="store_true",
+        help="for E > 4k also time the mixture with the sorted strategy forced (checks the dense/sorted rule)",
+    )
+    parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/model_step_<model>_cpu.json)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from peft import LoraConfig, get_peft_model
 
     base = load_base(args.model).train()
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
-
-    mixture = lomix.inject(
-        copy.deepcopy(base),
-        lomix.MixtureConfig(
-            target_modules=TARGETS, num_experts=8, rank=8, alpha=16, router=lomix.router_config("topk", k=2)
-        ),
-    ).train()
-    with torch.no_grad():  # B starts at zero; give it values so that no work can be skipped
-        for _, layer in lomix.mixture_layers(mixture):
-            layer.experts.B.normal_(std=0.01)
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)).train()
+    lora, lora_optimizer = build_peft(base)
+    models = {"peft_lora_r16": lora}
+    candidates = {"peft_lora_r16": training_step(lora, lora_optimizer, ids, False)}
+    for experts in args.experts:
+        mixture, optimizer = build_lomix(base, experts)
+        models[f"lomix_top2_of_{experts}_r8"] = mixture
+        candidates[f"lomix_top2_of_{experts}_r8"] = training_step(mixture, optimizer, ids, True)
+        if args.also_sorted and experts > 8:
+            name = f"lomix_top2_of_{experts}_r8_sorted"
+            models[name], optimizer = build_lomix(base, experts)
+            candidates[name] = forced_sorted(training_step(models[name], optimizer, ids, True))
     del base
-
-    candidates = {
-        "peft_lora_r16": training_step(
-            lora, torch.optim.AdamW(p for p in lora.parameters() if p.requires_grad), ids, False
-        ),
-        "lomix_top2_of_8_r8": training_step(
-            mixture, torch.optim.AdamW(lomix.parameter_groups(mixture, lr=1e-3)), ids, True
-        ),
-    }
-    table = ratio_table(candidates, "peft_lora_r16", rounds=args.rounds, warmup=2)
-    params = {
-        "peft_lora_r16": lomix.count_parameters(lora).trainable,
-        "lomix_top2_of_8_r8": lomix.count_parameters(mixture).trainable,
-    }
+    baseline_of = {}
+    if args.forward:
+        for name, model in models.items():
+            forward = forward_pass(model, ids)
+            candidates[f"{name} forward"] = forced_sorted(forward) if name.endswith("_sorted") else forward
+            baseline_of[f"{name} forward"] = "peft_lora_r16 forward"
+    table = ratio_table(candidates, "peft_lora_r16", rounds=args.rounds, warmup=2, baseline_of=baseline_of)
+    params = {name: lomix.count_parameters(model).trainable for name, model in models.items()}
     print(
         f"## Whole-model training step, CPU fp32, {args.model}, batch {args.batch} x {args.length}, "
         f"{args.threads} threads (median ratio to PEFT LoRA r=16 over {args.rounds} alternating rounds, IQR)\n"
     )
-    print("| implementation | trainable params | step / PEFT LoRA r=16 |")
-    print("|---|---|---|")
-    for name, entry in table.items():
-        print(f"| {name} | {params[name]:,} | {fmt(entry)} |")
+    print("| implementation | trainable params | step / PEFT LoRA r=16 | forward / PEFT LoRA r=16 |")
+    print("|---|---|---|---|")
+    for name in models:
+        forward = table.get(f"{name} forward")
+        print(f"| {name} | {params[name]:,} | {fmt(table[name])} | {fmt(forward) if forward else '-'} |")
     out = args.out or f"benchmarks/results/model_step_{args.model}_cpu.json"
     write_json(
         out,
         {
             "machine": machine(),
+            "load_average": os.getloadavg(),
             "model": args.model,
             "batch": [args.batch, args.length],
             "rounds": args.rounds,
             "targets": TARGETS,
             "trainable_params": params,
-            "ratios_to_peft_lora_r16": table,
+            "ratios_to_peft_lora_r16": {name: table[name] for name in models},
+            "forward_ratios_to_peft_lora_r16": {name: table[f"{name} forward"] for name in models if args.forward},
         },
     )
     print(f"\nwrote {out}")

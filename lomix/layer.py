@@ -14,8 +14,9 @@ from torch import nn
 from .config import MixtureConfig
 from .errors import RoutingError, UnsupportedModuleError
 from .experts import ExpertBank
-from .kernels import mixture_lora, mixture_lora_mixed
+from .kernels import mixture_lora, mixture_lora_mixed, resolve_backend
 from .kernels.fused import fused_layer_forward
+from .kernels.routed_dense import softmax_topk_dense_forward, softmax_topk_dense_rule
 from .layout import SparseResidual, residual_size
 from .losses import router_z_loss, switch_load_balancing_loss
 from .quant import disable_cpu_repacking
@@ -125,14 +126,22 @@ class MixtureLinear(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        fused = None if self.disabled or args or kwargs else fused_layer_forward(self, x)
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        backend = resolve_backend(self.kernel, x.device)  # once per call: every path below needs it
+        plain_call = not (args or kwargs)
+        fused = fused_layer_forward(self, x) if plain_call and backend == "triton" else None
         if fused is not None:  # base GEMM, router and experts in two Triton launches (lomix.kernels.fused)
             self._record(fused[1], self._context.get())
             return fused[0]
         out = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return out
         context = self._context.get()
+        # A softmax top-k router on the CPU path: router and shrink as one GEMM (lomix.kernels.routed_dense).
+        rule = softmax_topk_dense_rule(self, x, backend) if plain_call and out.dtype == x.dtype else None
+        if rule is not None:
+            result, routing = softmax_topk_dense_forward(self, x, out, rule)
+            self._record(routing, context)
+            return result
         routing = self.router(x, context)
         expert_x = self.dropout(x)
         if isinstance(routing, TokenRouting):

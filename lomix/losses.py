@@ -21,24 +21,32 @@ def switch_load_balancing_loss(
     probs (N, E), indices (N, k), mask (N,) bool, gates (N, k).
     """
     num_experts = probs.shape[-1]
-    if mask is not None:
-        probs, indices = probs[mask], indices[mask]
-        gates = gates[mask] if gates is not None else None
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
-    live = None if gates is None else (gates.detach() != 0).reshape(-1).to(probs.dtype)
-    counts = torch.bincount(indices.reshape(-1), weights=live, minlength=num_experts).to(probs.dtype)
+    # Padding is weighted out, not indexed out: boolean indexing would wait on the tensor's values.
+    live = None if gates is None else (gates.detach() != 0).to(probs.dtype)
+    if mask is None:
+        mean_probs = probs.mean(dim=0)
+    else:
+        real = mask.to(probs.dtype)
+        live = real[:, None].expand(indices.shape) if live is None else live * real[:, None]
+        # where, not a product: a padding row's non-finite value must not leak into the sum.
+        mean_probs = torch.where(mask[:, None], probs, 0.0).sum(dim=0) / real.sum().clamp_min(1)
+    weights = None if live is None else live.reshape(-1)
+    counts = torch.bincount(indices.reshape(-1), weights=weights, minlength=num_experts).to(probs.dtype)
     fraction = counts / counts.sum().clamp_min(1)
-    return num_experts * (fraction * probs.mean(dim=0)).sum()
+    return num_experts * (fraction * mean_probs).sum()
 
 
 def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits (N, E)."""
-    if mask is not None:
-        logits = logits[mask]
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+    squared = torch.logsumexp(logits.float(), dim=-1).pow(2)
+    if mask is None:
+        return squared.mean()
+    # Selected with where, not indexed: no wait on the mask's values, and padding stays out.
+    return torch.where(mask, squared, 0.0).sum() / mask.sum().clamp_min(1).to(squared.dtype)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

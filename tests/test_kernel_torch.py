@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lomix.kernels import mixture_lora, mixture_lora_mixed
-from lomix.kernels.torch_backend import mixture_lora_dense, mixture_lora_sorted, mixture_lora_torch
+from lomix.kernels.torch_backend import mixture_lora_dense, mixture_lora_sorted, mixture_lora_torch, prefers_dense
 
 STRATEGIES = {"dense": mixture_lora_dense, "sorted": mixture_lora_sorted, "auto": mixture_lora_torch}
 
@@ -130,3 +130,24 @@ def test_fused_output_add_equals_separate_add(strategy):
     torch.testing.assert_close(fused, base + naive_mixture(x, A, B, indices, gates, 0.3))
     (grad_base,) = torch.autograd.grad(fused.sum(), base)
     torch.testing.assert_close(grad_base, torch.ones_like(base))
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_sorted_grid_and_its_skew_fallback_match_the_naive_loop(skewed):
+    # 16 experts, k=2: the grid pads every expert to the largest segment. All tokens on two experts
+    # make the grid 8x the real pairs, past GRID_MAX_PADDING: the per-expert fallback runs instead.
+    x, A, B, indices, gates = random_problem(10, 12, 9, 3, 16, 2, torch.float64)
+    if skewed:
+        indices = torch.tensor([[3, 11]] * 10)
+    ours = grads(mixture_lora_sorted, x, A, B, indices, gates, 0.9)
+    ref = grads(naive_mixture, x, A, B, indices, gates, 0.9)
+    for name, a, b in zip(("out", "dx", "dA", "dB", "dgates"), ours, ref, strict=True):
+        torch.testing.assert_close(a, b, msg=f"{name} differs")
+
+
+def test_strategy_rule_keeps_dense_for_few_experts_or_little_work():
+    # E <= 4k: dense at any size; many experts: dense only while the dense work is small.
+    assert prefers_dense(8, 16, 2048, 2048, 2, 1 << 20)
+    assert prefers_dense(64, 8, 576, 1536, 2, 16)
+    assert not prefers_dense(64, 8, 576, 1536, 2, 4096)
+    assert prefers_dense(4, 8, 576, 1536, 4, 4096)  # k == E: nothing to skip

@@ -71,6 +71,10 @@ def fused_rule(layer: nn.Module, x: torch.Tensor) -> SoftmaxTopK | None:
         return None
     if not _dense_linear(layer.base_layer, x):
         return None
+    from .routed_dense import router_has_hooks
+
+    if router_has_hooks(layer.router):  # the fused kernel would skip them (test-time rerouting's offsets)
+        return None
     rule = layer.router.softmax_topk_rule()  # a declared hook (lomix.routers.base.Router)
     if rule is None:
         return None

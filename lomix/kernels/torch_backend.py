@@ -6,9 +6,11 @@ e = indices[t, j]:
 - dense-masked: one shrink of every token against all experts' A at once (E*r columns), zero the
   unselected experts' slices, one expand against all B. Costs 1 + E*r*(d_in + d_out)/(d_in*d_out)
   of the base GEMM in FLOPs but runs as two large GEMMs: best while E*r is small against d.
-- sorted: (token, expert) pairs sorted by expert, one GEMM pair per expert segment. Costs only the
-  active experts' FLOPs plus a gather of x rows and a scatter-add of output rows: best when E*r
-  grows. It loops over EXPERTS (E iterations), never over tokens.
+- sorted: (token, expert) pairs grouped by expert into segments padded to the largest, two batched
+  GEMMs over all segments. Costs about the active experts' FLOPs plus a gather of x rows and a
+  scatter-add of output rows, and the same number of ops at any E: best when E/k and the work
+  grow (`prefers_dense` has the measured rule). Heavily skewed routing falls back to one GEMM pair
+  per expert segment. Neither loops over tokens.
 
 Neither copies a token's expert weights (the T*k*r*d gather that makes naive "vectorised" designs
 the slowest of all; PERFORMANCE.md). Both are differentiable through x, A, B and gates by autograd.
@@ -18,11 +20,18 @@ from __future__ import annotations
 
 import torch
 
-# Use the dense-masked strategy while its extra FLOPs stay under this fraction of the base GEMM.
-# Calibrated with benchmarks/layer_overhead.py on 2 CPU cores: at d=2048, T=1024 the dense form
-# still beat sorted segments at E=64, r=16 (extra FLOPs 1.0), because per-expert GEMMs of a few
-# dozen rows run far below peak on a CPU.
-DENSE_MAX_EXTRA_FLOPS = 1.0
+# The dense-masked strategy runs every expert: it costs E/k times the active experts' FLOPs but
+# only two GEMMs. The sorted grid costs about the active FLOPs (times the padding) plus a gather of
+# x rows, a scatter-add of output rows and ~10 more small ops. Measured with
+# benchmarks/layer_overhead.py on 2 CPU cores: dense wins while E <= 4k at every T; beyond that it
+# still wins while its whole work is small (T=256 tokens of SmolLM2's 576 -> 1536 layers at E=64,
+# r=8: ~2.8e8 multiply-adds), where the grid's fixed op cost dominates; sorted wins from ~1e9
+# (T=1024 at the same shapes, or d=2048, r=16, E>=32).
+DENSE_MAX_EXPERTS_PER_ACTIVE = 4
+DENSE_MAX_MACS = 5e8
+# The sorted grid pads every expert segment to the largest; beyond this many grid rows per real
+# (token, expert) pair (one expert taking most tokens) the per-expert loop is cheaper.
+GRID_MAX_PADDING = 4
 
 
 def dense_extra_flops(num_experts: int, rank: int, d_in: int, d_out: int) -> float:
@@ -54,6 +63,23 @@ def mixture_lora_dense(
     return hidden @ expand if out is None else torch.addmm(out, hidden, expand)
 
 
+def _expert_slots(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Place each (token, slot) pair in an (E, C) grid of expert segments padded to a capacity C.
+
+    indices (T, k) -> (order (T*k,) pairs sorted by expert, slot (T*k,) grid position of each
+    sorted pair = expert * C + its rank within the expert, C = the largest expert's pair count).
+    """
+    flat = indices.reshape(-1)
+    counts = torch.bincount(flat, minlength=num_experts)
+    order = flat.argsort(stable=True)
+    expert_of_pair = flat.index_select(0, order)
+    # On the CPU reading C costs no device wait; the grid shape needs it.
+    capacity = int(counts.max()) if flat.numel() else 0
+    first = counts.cumsum(0) - counts  # index of each expert's first pair in the sorted order
+    rank = torch.arange(flat.numel(), device=flat.device) - first.index_select(0, expert_of_pair)
+    return order, expert_of_pair * capacity + rank, capacity
+
+
 def mixture_lora_sorted(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -63,13 +89,49 @@ def mixture_lora_sorted(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sorted-segment strategy. Same shapes and ``out`` as `mixture_lora_dense`."""
+    """Sorted-segment strategy. Same shapes and ``out`` as `mixture_lora_dense`.
+
+    The pairs are grouped by expert into an (E, C, d_in) grid padded to the largest segment, so two
+    batched GEMMs serve every expert at once (no loop over experts); padding rows carry gate 0,
+    read token 0 and add exactly 0 to it. The gate scales the rank-r intermediate. When one expert
+    takes far more pairs than the mean (so the grid would be mostly padding), it falls back to one
+    GEMM pair per expert segment.
+    """
+    tokens, k = indices.shape
+    num_experts, _, d_in = A.shape
+    d_out = B.shape[1]
+    order, slot, capacity = _expert_slots(indices, num_experts)
+    pairs = order.numel()
+    if num_experts * capacity > GRID_MAX_PADDING * max(pairs, 1):
+        return _mixture_lora_segments(x, A, B, indices, gates, scale, out)
+    token_of_pair = order.div(k, rounding_mode="floor")
+    token_of_slot = token_of_pair.new_zeros(num_experts * capacity).index_copy_(0, slot, token_of_pair)
+    gate_of_pair = gates.reshape(-1).index_select(0, order).to(x.dtype) * scale
+    gate_of_slot = gate_of_pair.new_zeros(num_experts * capacity).index_copy(0, slot, gate_of_pair)
+    rows = x.index_select(0, token_of_slot).view(num_experts, capacity, d_in)
+    hidden = torch.bmm(rows, A.transpose(1, 2)) * gate_of_slot.view(num_experts, capacity, 1)
+    expanded = torch.bmm(hidden, B.transpose(1, 2)).view(num_experts * capacity, d_out)
+    if out is None:
+        out = x.new_zeros(tokens, d_out)
+    return out.index_add(0, token_of_slot, expanded)
+
+
+def _mixture_lora_segments(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`mixture_lora_sorted` without padding: one GEMM pair per expert segment (skewed routing)."""
     tokens, k = indices.shape
     num_experts = A.shape[0]
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
     token_of_pair = order.div(k, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host sync
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
     gate_of_pair = gates.reshape(-1).index_select(0, order).to(x.dtype) * scale
     rows = x.index_select(0, token_of_pair).split(counts)
     outputs = []
@@ -84,6 +146,13 @@ def mixture_lora_sorted(
     return out.index_add(0, token_of_pair, pairs_out)
 
 
+def prefers_dense(num_experts: int, rank: int, d_in: int, d_out: int, k: int, tokens: int) -> bool:
+    """Whether the dense-masked strategy beats the sorted grid for this shape (see the constants)."""
+    if k >= num_experts or num_experts <= DENSE_MAX_EXPERTS_PER_ACTIVE * k:
+        return True
+    return tokens * num_experts * rank * (d_in + d_out) <= DENSE_MAX_MACS
+
+
 def mixture_lora_torch(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -95,8 +164,7 @@ def mixture_lora_torch(
 ) -> torch.Tensor:
     """Pick the cheaper strategy for this shape (see module docstring)."""
     num_experts, rank, d_in = A.shape
-    k = indices.shape[1]
-    if k == num_experts or dense_extra_flops(num_experts, rank, d_in, B.shape[1]) <= DENSE_MAX_EXTRA_FLOPS:
+    if prefers_dense(num_experts, rank, d_in, B.shape[1], indices.shape[1], x.shape[0]):
         return mixture_lora_dense(x, A, B, indices, gates, scale, out)
     return mixture_lora_sorted(x, A, B, indices, gates, scale, out)
 

@@ -1,0 +1,98 @@
+"""The torch backend's one-GEMM router+shrink path (lomix.kernels.routed_dense) against the unfused
+path: the router's own forward, then `mixture_lora_dense`, over the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lomix
+from lomix.kernels.torch_backend import mixture_lora_dense
+from lomix.losses import switch_load_balancing_loss
+
+
+def make_layer(k=2, experts=4, dtype=torch.float32, **router):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, dtype=dtype).requires_grad_(False)
+    config = lomix.MixtureConfig(
+        target_modules=["x"], num_experts=experts, rank=3, alpha=6, router=lomix.router_config("topk", k=k, **router)
+    )
+    layer = lomix.MixtureLinear(base, config)
+    with torch.no_grad():
+        layer.experts.B.normal_(std=0.5)
+    return layer
+
+
+def reference(layer, x):
+    """base(x) + the routed delta, with the routing of the router's own forward."""
+    routing = layer.router(x, lomix.RoutingContext())
+    flat = x.reshape(-1, layer.d_in)
+    delta = mixture_lora_dense(flat, layer.experts.A, layer.experts.B, routing.indices, routing.gates, layer.scale)
+    return layer.base_layer(x) + delta.view(*x.shape[:-1], -1), routing
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the router's forward ran: the one-GEMM path was not taken")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_output_routing_balance_loss_and_gradients_equal_the_unfused_path(k):
+    layer = make_layer(k=k).train()
+    x = torch.randn(2, 5, 12, dtype=torch.float32, requires_grad=True)
+    expected, routing = reference(layer, x)
+    params = (x, layer.experts.A, layer.experts.B, layer.router.weight)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), params)
+    layer.router.forward = _refuse  # the path must not call it
+    got = layer(x)
+    torch.testing.assert_close(got, expected)
+    last = layer.aux_losses["switch"]
+    torch.testing.assert_close(last, 0.01 * switch_load_balancing_loss(routing.probs, routing.indices))
+    for name, a, b in zip(
+        "x A B router".split(), torch.autograd.grad(got.pow(2).sum(), params), expected_grads, strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=f"d{name} differs")
+
+
+def test_inference_reuses_the_stacked_factors_until_a_weight_changes():
+    layer = make_layer().eval()
+    x = torch.randn(3, 12, dtype=torch.float32)
+    with torch.no_grad():
+        first = layer(x)
+        torch.testing.assert_close(first, reference(layer, x)[0])
+        layer.experts.A.mul_(2.0)  # an in-place update: the cache must notice
+        layer.router.weight.add_(0.3)
+        second = layer(x)
+        torch.testing.assert_close(second, reference(layer, x)[0])
+    assert not torch.allclose(first, second)
+
+
+def test_router_hooks_and_expert_dropout_keep_the_router_call():
+    layer = make_layer().train()
+    x = torch.randn(4, 12, dtype=torch.float32)
+    seen = []
+    handle = layer.router.register_forward_hook(lambda module, args, out: seen.append(out))
+    layer(x)
+    handle.remove()
+    assert len(seen) == 1
+    dropped = lomix.MixtureLinear(
+        nn.Linear(12, 10, dtype=torch.float32),
+        lomix.MixtureConfig(target_modules=["x"], num_experts=4, rank=3, dropout=0.5),
+    ).train()
+    dropped.router.register_forward_hook(lambda module, args, out: seen.append(out))
+    dropped(x)
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_decode_step_reads_only_the_selected_experts_and_matches_the_unfused_path(k):
+    # One token, k < E: the selected experts' factors are gathered instead of running all E.
+    layer = make_layer(k=k, experts=6).eval()
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad():
+        expected, routing = reference(layer, x)
+        layer.router.forward = _refuse
+        layer.record_routing = True
+        torch.testing.assert_close(layer(x), expected)
+    assert torch.equal(layer.last_routing.indices, routing.indices)
+    torch.testing.assert_close(layer.last_routing.gates, routing.gates)
