@@ -8,6 +8,8 @@ gates, served by `lomix.kernels.mixture_lora`) or `ParameterMixing` (per-sequenc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -21,6 +23,9 @@ from .losses import router_z_loss, switch_load_balancing_loss
 from .quant import disable_cpu_repacking
 from .routers import build_router
 from .routing import ContextHolder, ParameterMixing, RoutingContext, TokenRouting
+
+if TYPE_CHECKING:
+    from .block_routing import SharedRouting
 
 
 def _conv1d_type() -> type | None:
@@ -114,6 +119,8 @@ class MixtureLinear(nn.Module):
         self.record_routing = False
         self.last_routing: TokenRouting | ParameterMixing | None = None
         self.disabled = False
+        # Set by lomix.block_routing when this layer shares its block's router (routing_scope: block).
+        self.shared_routing: SharedRouting | None = None
 
     # Modules such as T5's feed-forward read ``.weight`` of their projections directly.
     @property
@@ -125,7 +132,8 @@ class MixtureLinear(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        fused = None if self.disabled or args or kwargs else fused_layer_forward(self, x)
+        shared = self.shared_routing is not None  # a block's router: not this layer's own fused rule
+        fused = None if self.disabled or args or kwargs or shared else fused_layer_forward(self, x)
         if fused is not None:  # base GEMM, router and experts in two Triton launches (lomix.kernels.fused)
             self._record(fused[1], self._context.get())
             return fused[0]
@@ -133,7 +141,10 @@ class MixtureLinear(nn.Module):
         if self.disabled:
             return out
         context = self._context.get()
-        routing = self.router(x, context)
+        if shared:  # one expert per (token, slot) row, gate 1; the block's hook applies the gates
+            routing, recorded = self.shared_routing.route(self, x)
+        else:
+            routing = recorded = self.router(x, context)
         expert_x = self.dropout(x)
         if isinstance(routing, TokenRouting):
             result = self._token_routed(expert_x, out, routing)
@@ -144,7 +155,7 @@ class MixtureLinear(nn.Module):
                 f"router {self.router.name!r} returned {type(routing).__name__}; "
                 "expected TokenRouting or ParameterMixing"
             )
-        self._record(routing, context)
+        self._record(recorded, context)
         return result
 
     def _token_routed(self, x: torch.Tensor, out: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
