@@ -1,4 +1,4 @@
-"""Export a block-routed mixture as a native mixture-of-experts checkpoint (Mixtral).
+"""Export a block-routed mixture as a native mixture-of-experts checkpoint (Mixtral, Qwen3-MoE).
 
 A mixture with ``routing_scope: block`` computes, in each decoder block's feed-forward,
 ``sum_j g_j FFN_{e_j}(x)`` with ``FFN_e`` the base feed-forward whose projections carry LoRA_e
@@ -17,8 +17,10 @@ merged into the attention weights; a block whose feed-forward carries no mixture
 of its feed-forward under a zero router (uniform probabilities: the k renormalised gates sum the
 same feed-forward back to itself).
 
-Qwen-MoE targets are refused: Qwen2-MoE's block always adds a sigmoid-gated shared expert, and a
-Qwen3-MoE checkpoint from a Llama/Mistral base would add Qwen3's per-head q/k RMSNorm.
+A Qwen3 base exports the same way as a ``Qwen3MoeForCausalLM`` (its router rule is the same with
+``norm_topk_prob`` = whether the router renormalises, so raw top-k gates are exact there too; the
+attention, q/k norms included, is Qwen3's). Qwen2 bases are refused: Qwen2-MoE's block always adds a
+sigmoid-gated shared expert that a lomix mixture lacks.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from .layer import MixtureLinear
 from .quant import disable_cpu_repacking
 from .routing import RoutingContext
 
-FAMILIES = ("llama", "mistral")
+# base model_type -> the native MoE model_type it exports to
+TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe"}
+FAMILIES = tuple(TARGETS)
 FFN_NAMES = ("gate_proj", "up_proj", "down_proj")  # Mixtral's w1, w3, w2
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -56,7 +60,6 @@ TOKENIZER_FILES = (
 )
 REFUSED_FAMILIES = {
     "qwen2": "Qwen2-MoE, its native MoE form, always adds a sigmoid-gated shared expert that a lomix mixture lacks",
-    "qwen3": "Qwen3-MoE support is not implemented; only Llama/Mistral-family bases export to Mixtral",
 }
 CONFIG_FIELDS = (
     "vocab_size",
@@ -86,17 +89,27 @@ class MoeExportError(LomixError, ValueError):
 
 
 def _base_config(model: nn.Module):
+    """(the base's config, the MoE model_type it exports to), or the refusal naming why it cannot."""
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
-    if family not in FAMILIES:
-        reason = REFUSED_FAMILIES.get(str(family), f"a {family or type(model).__name__!r} base has no Mixtral form")
-        raise MoeExportError(f"--format moe: {reason}; it supports Llama/Mistral-family bases ({', '.join(FAMILIES)})")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(config, flag, False):
-            raise MoeExportError(f"--format moe: the base has {flag}=true; Mixtral's projections have no biases")
-    if getattr(config, "pretraining_tp", 1) != 1:
-        raise MoeExportError("--format moe: the base has pretraining_tp != 1, which Mixtral does not compute")
-    return config
+    if family not in TARGETS:
+        reason = REFUSED_FAMILIES.get(str(family), f"a {family or type(model).__name__!r} base has no native MoE form")
+        raise MoeExportError(f"--format moe: {reason}; supported bases: {', '.join(FAMILIES)}")
+    target = TARGETS[family]
+    sliding = getattr(config, "use_sliding_window", False) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or []
+    )
+    if target == "mixtral":
+        for flag in ("attention_bias", "mlp_bias"):
+            if getattr(config, flag, False):
+                raise MoeExportError(f"--format moe: the base has {flag}=true; Mixtral's projections have no biases")
+        if getattr(config, "pretraining_tp", 1) != 1:
+            raise MoeExportError("--format moe: the base has pretraining_tp != 1, which Mixtral does not compute")
+    elif sliding:
+        raise MoeExportError(
+            "--format moe: the Qwen3 base has sliding-window layers, which Qwen3-MoE applies differently"
+        )
+    return config, target
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -106,22 +119,23 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise MoeExportError(f"--format moe: found no decoder layers in {type(model).__name__}")
 
 
-def _router_rule(block: str, router: nn.Module):
-    """(weight (E, d), k) of the block's router in eval mode, or the refusal naming the mismatch."""
+def _router_rule(block: str, router: nn.Module, target: str):
+    """(weight (E, d), k, renormalize) of the block's router in eval mode, or the refusal naming the mismatch."""
     was_training = router.training
     router.eval()
     try:
         rule, why = router.softmax_topk_rule(), router.softmax_topk_mismatch()
     finally:
         router.train(was_training)
-    mixtral = "Mixtral's gate is a bias-free linear softmax over all experts, top-k, renormalised"
+    native = "the native MoE gate is a bias-free linear softmax over all experts, top-k"
     if rule is None:
-        raise MoeExportError(f"{block}: {why}; {mixtral}")
-    if not rule.renormalize:
+        raise MoeExportError(f"{block}: {why}; {native}")
+    if target == "mixtral" and not rule.renormalize:
         raise MoeExportError(
-            f"{block}: router {router.name!r} keeps the raw top-k probabilities as gates (renormalize false); {mixtral}"
+            f"{block}: router {router.name!r} keeps the raw top-k probabilities as gates (renormalize false); "
+            f"Mixtral always renormalises the k kept"
         )
-    return rule.weight, rule.k
+    return rule.weight, rule.k, rule.renormalize
 
 
 def _expert_weight(layer: nn.Module, expert: int) -> torch.Tensor:
@@ -135,8 +149,8 @@ def _expert_weight(layer: nn.Module, expert: int) -> torch.Tensor:
         bank = int(layer.expert_map[expert])
         if bank < 0:
             raise MoeExportError(
-                f"{layer.layer_name}: the merged bank dropped router expert {expert} (MC-SMoE); Mixtral has no "
-                "dropped experts: export a merge that keeps every expert, or the unmerged run"
+                f"{layer.layer_name}: the merged bank dropped router expert {expert} (MC-SMoE); a native MoE model has "
+                "no dropped experts: export a merge that keeps every expert, or the unmerged run"
             )
     base = dense_weight(layer.base_layer).detach().double()
     A, B = layer.experts.A[bank].detach().double(), layer.experts.B[bank].detach().double()
@@ -146,9 +160,9 @@ def _expert_weight(layer: nn.Module, expert: int) -> torch.Tensor:
     return weight
 
 
-def moe_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, int, dict[str, Any]]:
-    """(the Mixtral state dict in float64, E, k, routes of the merged non-routed layers) of a
-    block-routed ``model``; raises `MoeExportError` naming the first mismatch."""
+def moe_state(model: nn.Module, target: str = "mixtral") -> tuple[dict[str, torch.Tensor], tuple, dict[str, Any]]:
+    """(the native MoE state dict in float64, (E, k, renormalize), routes of the merged non-routed
+    layers) of a block-routed ``model``; raises `MoeExportError` naming the first mismatch."""
     state = getattr(model, "lomix_state", None)
     if state is None:
         raise LomixError(f"{type(model).__name__} holds no lomix mixture to export")
@@ -156,7 +170,8 @@ def moe_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, int, dict
     if config.routing_scope != "block":
         raise MoeExportError(
             "--format moe: the mixture routes per layer (routing_scope: layer), every projection on its own input; "
-            "Mixtral has one router per block reading the feed-forward input: train with routing_scope: block"
+            "a native MoE model has one router per block reading the feed-forward input: train with "
+            "routing_scope: block"
         )
     layers_name, layers = _decoder_layers(model)
     prefix = f"{layers_name}."
@@ -165,16 +180,19 @@ def moe_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, int, dict
     stray = sorted(set(shared) - ffn_blocks)
     if stray:
         raise MoeExportError(
-            f"{stray[0]}: a block router outside the decoder blocks' feed-forward (mlp); Mixtral routes only the "
-            "feed-forward (block_modules: gate_proj, up_proj, down_proj)"
+            f"{stray[0]}: a block router outside the decoder blocks' feed-forward (mlp); a native MoE model routes "
+            "only the feed-forward (block_modules: gate_proj, up_proj, down_proj)"
         )
-    rules = {block: _router_rule(block, routing.router) for block, routing in shared.items()}
-    shapes = {(weight.shape[0], k) for weight, k in rules.values()}
+    rules = {block: _router_rule(block, routing.router, target) for block, routing in shared.items()}
+    shapes = {(weight.shape[0], k, renormalize) for weight, k, renormalize in rules.values()}
     if not shapes:
         raise MoeExportError("--format moe: no decoder block's feed-forward carries a block-routed mixture")
     if len(shapes) > 1:
-        raise MoeExportError(f"--format moe: blocks differ in (experts, k) {sorted(shapes)}; Mixtral has one of each")
-    num_experts, k = shapes.pop()
+        raise MoeExportError(
+            f"--format moe: blocks differ in (experts, k, renormalize) {sorted(shapes)}; a native MoE model has "
+            "one of each"
+        )
+    num_experts, k, renormalize = shapes.pop()
     routes: dict[str, Any] = {}
     attention: dict[str, torch.Tensor] = {}
     for name, layer in mixture_layers(model):
@@ -182,18 +200,20 @@ def moe_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, int, dict
             continue
         if not name.startswith(prefix) or ".self_attn." not in name:
             raise MoeExportError(
-                f"{name}: a mixture layer outside the decoder blocks' attention and feed-forward; Mixtral "
-                "can hold non-routed adapters on the attention projections only"
+                f"{name}: a mixture layer outside the decoder blocks' attention and feed-forward; a native MoE "
+                "model can hold non-routed adapters on the attention projections only"
             )
         try:
             lora = fixed_lora(name, layer, RoutingContext())
         except NotFixedRouteError:
             raise MoeExportError(
-                f"{name}: router {layer.router.name!r} routes the attention projection per token; Mixtral's attention "
-                "is dense: give attention a fixed route (layer_router: {name: fixed, ...}) or no adapter"
+                f"{name}: router {layer.router.name!r} routes the attention projection per token; the MoE model's "
+                "attention is dense: give attention a fixed route (layer_router: {name: fixed, ...}) or no adapter"
             ) from None
         base = dense_weight(layer.base_layer).detach().double()
         attention[f"{name}.weight"] = base + lora.delta().to(base.device)
+        if getattr(layer.base_layer, "bias", None) is not None:
+            attention[f"{name}.bias"] = layer.base_layer.bias.detach()
         routes[name] = lora.route
     wrapped = tuple(f"{n}." for n, _ in mixture_layers(model))
     out: dict[str, torch.Tensor] = {}
@@ -215,18 +235,35 @@ def moe_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, int, dict
             out[f"{block}.gate.weight"] = rules[block][0].detach().double()
         else:  # no mixture here: E copies of the feed-forward under uniform gates
             out[f"{block}.gate.weight"] = torch.zeros(num_experts, w1[0].shape[1], dtype=torch.float64)
-    return out, num_experts, k, routes
+    return out, (num_experts, k, renormalize), routes
 
 
-def mixtral_config(base_config, num_experts: int, k: int):
-    """The `MixtralConfig` of a Llama/Mistral ``base_config`` with E experts, top-k routing."""
-    from transformers import MixtralConfig
+def moe_config(base_config, target: str, num_experts: int, k: int, renormalize: bool = True):
+    """The config of the native MoE model (``target``: mixtral or qwen3_moe) of ``base_config`` with
+    E experts and top-k routing."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
 
     fields = {name: getattr(base_config, name) for name in CONFIG_FIELDS if hasattr(base_config, name)}
-    fields.setdefault("sliding_window", None)
     fields.setdefault("head_dim", base_config.hidden_size // base_config.num_attention_heads)
+    fields = copy.deepcopy(fields)
+    if target == "qwen3_moe":
+        fields["sliding_window"] = None  # refused above when the base has sliding layers
+        return Qwen3MoeConfig(
+            **fields,
+            attention_bias=bool(getattr(base_config, "attention_bias", False)),
+            use_sliding_window=False,
+            num_experts=num_experts,
+            num_experts_per_tok=k,
+            moe_intermediate_size=base_config.intermediate_size,
+            norm_topk_prob=renormalize,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            output_router_logits=False,
+            architectures=["Qwen3MoeForCausalLM"],
+        )
+    fields.setdefault("sliding_window", None)
     return MixtralConfig(
-        **copy.deepcopy(fields),
+        **fields,
         num_local_experts=num_experts,
         num_experts_per_tok=k,
         router_jitter_noise=0.0,
@@ -254,21 +291,22 @@ def export_moe(
     tokenizer=None,
     dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Write the block-routed mixture of ``model`` (a Llama/Mistral-family base) as a
-    ``MixtralForCausalLM`` checkpoint (config.json + model.safetensors) that transformers and
-    llama.cpp load without lomix. Tokenizer files are copied unchanged from ``tokenizer_dir``, or
-    saved from ``tokenizer`` when no folder holds them. ``dtype``: of the written weights (default:
-    the base's embedding dtype; a quantized base is dequantized). Returns the ``lomix_export.json``
-    info. Raises `MoeExportError` naming why the mixture cannot be a Mixtral model."""
-    from transformers import MixtralForCausalLM
+    """Write the block-routed mixture of ``model`` as a native MoE checkpoint (config.json +
+    model.safetensors) that transformers and llama.cpp load without lomix: ``MixtralForCausalLM``
+    for a Llama/Mistral-family base, ``Qwen3MoeForCausalLM`` for a Qwen3 base. Tokenizer files are
+    copied unchanged from ``tokenizer_dir``, or saved from ``tokenizer`` when no folder holds them.
+    ``dtype``: of the written weights (default: the base's embedding dtype; a quantized base is
+    dequantized). Returns the ``lomix_export.json`` info. Raises `MoeExportError` naming why the
+    mixture cannot be a native MoE model."""
+    from transformers import AutoModelForCausalLM
 
-    base_config = _base_config(model)
+    base_config, target = _base_config(model)
     disable_cpu_repacking(model)
-    state, num_experts, k, routes = moe_state(model)
+    state, (num_experts, k, renormalize), routes = moe_state(model, target)
     dtype = dtype or model.get_input_embeddings().weight.dtype
-    config = mixtral_config(base_config, num_experts, k)
+    config = moe_config(base_config, target, num_experts, k, renormalize)
     with torch.device("meta"):
-        fresh = MixtralForCausalLM(config)
+        fresh = AutoModelForCausalLM.from_config(config)
     cast = {key: value.to(dtype).contiguous() if value.is_floating_point() else value for key, value in state.items()}
     if config.tie_word_embeddings:
         cast.pop("lm_head.weight", None)
@@ -276,7 +314,7 @@ def export_moe(
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
     if unexpected or missing:
         raise LomixError(
-            f"internal error: the Mixtral state does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"internal error: the MoE state does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     fresh.tie_weights()
     generation = getattr(model, "generation_config", None)
@@ -284,10 +322,11 @@ def export_moe(
         fresh.generation_config = copy.deepcopy(generation)
     info = {
         "format": "moe",
-        "architecture": "MixtralForCausalLM",
+        "architecture": config.architectures[0],
         "lomix_version": __version__,
         "num_experts": num_experts,
         "experts_per_token": k,
+        "renormalize": renormalize,
         "dtype": str(dtype).removeprefix("torch."),
         "routes": routes,
         "notes": [],
@@ -303,4 +342,4 @@ def export_moe(
     return info
 
 
-__all__ = ["MoeExportError", "export_moe", "mixtral_config", "moe_state"]
+__all__ = ["MoeExportError", "export_moe", "moe_config", "moe_state"]

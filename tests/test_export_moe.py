@@ -37,10 +37,10 @@ MIXTRAL_SCRIPT = textwrap.dedent(
     sys.meta_path.insert(0, NoLomix())
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
     folder, inputs, out = sys.argv[1:4]
-    model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = load_file(inputs)["input_ids"]
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -54,7 +54,8 @@ MIXTRAL_SCRIPT = textwrap.dedent(
     except ImportError:
         blocked = True
     loaded = any(m.startswith("lomix") for m in sys.modules)
-    print(json.dumps({"tied": tied, "lomix_blocked": blocked, "lomix_loaded": loaded}))
+    kind = type(model).__name__
+    print(json.dumps({"tied": tied, "lomix_blocked": blocked, "lomix_loaded": loaded, "class": kind}))
     """
 )
 
@@ -131,7 +132,7 @@ def test_the_exported_mixtral_computes_the_mixture_without_lomix(tmp_path, tied)
     assert (tmp_path / "moe" / "config.json").is_file() and (tmp_path / "moe" / "model.safetensors").is_file()
     ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(5))
     outputs, facts = run_without_lomix(tmp_path / "moe", ids, tmp_path)
-    assert facts == {"tied": tied, "lomix_blocked": True, "lomix_loaded": False}
+    assert facts == {"tied": tied, "lomix_blocked": True, "lomix_loaded": False, "class": "MixtralForCausalLM"}
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         tokens = model.generate(ids[:1], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
@@ -139,6 +140,47 @@ def test_the_exported_mixtral_computes_the_mixture_without_lomix(tmp_path, tied)
     assert outputs["tokens"].tolist() == tokens.tolist()
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and config["tie_word_embeddings"] is tied
+
+
+def tiny_qwen3(seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,  # not hidden / heads, as in the real Qwen3 models
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # q/k norms that are not the identity, so that losing them would show
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2], ids=["top1-raw-gates", "top2-renormalised"])
+def test_a_qwen3_base_exports_as_qwen3_moe_without_lomix(tmp_path, k):
+    model = tiny_qwen3()
+    block_mixture(model, router={"name": "topk", "k": k})
+    train_a_few_steps(model)
+    info = export_moe(model, tmp_path / "moe")
+    assert info["architecture"] == "Qwen3MoeForCausalLM" and info["renormalize"] is (k > 1)
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(5))
+    outputs, facts = run_without_lomix(tmp_path / "moe", ids, tmp_path)
+    assert facts["class"] == "Qwen3MoeForCausalLM" and facts["lomix_blocked"] and facts["tied"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        tokens = model.generate(ids[:1], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert (outputs["logits"] - expected).abs().max().item() <= 1e-5
+    assert outputs["tokens"].tolist() == tokens.tolist()
 
 
 def test_the_expert_weights_are_the_base_plus_each_lora(tmp_path):
