@@ -45,7 +45,7 @@ def expert_weight(layer, expert: int) -> torch.Tensor:
     return layer.base_layer.weight.double() + layer.scale * B @ A
 
 
-def reference_ffn(mlp, x: torch.Tensor) -> torch.Tensor:
+def reference_ffn(mlp, x: torch.Tensor, k: int = 2) -> torch.Tensor:
     """sum_j g_j down_e(act(gate_e x) * up_e x), one token at a time, from the router's own weight:
     p = softmax(W_r x), top-k, gates renormalised."""
     router = mlp.gate_proj.router.weight.double()
@@ -53,7 +53,7 @@ def reference_ffn(mlp, x: torch.Tensor) -> torch.Tensor:
     rows = []
     for token in flat:
         probs = (router @ token).softmax(-1)
-        top = probs.topk(2)
+        top = probs.topk(k)
         gates = top.values / top.values.sum()
         out = torch.zeros(mlp.down_proj.d_out, dtype=torch.float64)
         for gate, expert in zip(gates, top.indices.tolist(), strict=True):
@@ -170,3 +170,14 @@ def test_eject_restores_the_base_model():
     inputs = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, base(**inputs).logits, rtol=0, atol=0)
+
+
+def test_update_router_changes_the_block_routers_only():
+    model, _ = block_model()
+    lomix.update_router(model, k=3)
+    mlp, attention = model.model.layers[0].mlp, model.model.layers[0].self_attn
+    assert mlp.gate_proj.router.config.k == 3 and attention.q_proj.router.config.name == "fixed"
+    assert model.lomix_state.config.router.k == 3
+    x = torch.randn(1, 5, mlp.gate_proj.d_in)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x).double(), reference_ffn(mlp, x, k=3), rtol=1e-5, atol=1e-6)
