@@ -16,6 +16,12 @@
 #   5. prints a short llama.cpp generation, and with SPEED=1 greedy decode tokens/s of llama.cpp
 #      (f32, Q8_0), the export in transformers and, with RUN=<lomix run folder>, lomix itself.
 #
+# Known: on a CPU with AMX (amx_int8 in /proc/cpuinfo) a -DGGML_NATIVE=ON build of llama-cpp-python
+# 0.3.36 died with "Illegal instruction" on the Q8_0 file while the f32 file ran (seen inside a VM,
+# where AMX tiles may not be granted); the generation therefore uses the f32 file, and the Q8_0
+# timing is skipped with a note when it crashes. A build without AMX (untested here):
+#   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+#
 # Environment: PYTHON (default .venv/bin/python), WORK (default $TMPDIR/lomix_llamacpp), TOL,
 # CMAKE_ARGS (default: a CPU build), THREADS (default 2), PROMPT (the generation's prompt).
 set -euo pipefail
@@ -44,7 +50,7 @@ CONVERTER="$SRC/convert_hf_to_gguf.py"
 if [ ! -f "$CONVERTER" ]; then
   "$PYTHON" -m pip download --no-deps --no-binary :all: -d "$WORK/sdist" "llama-cpp-python==$VERSION"
   ARCHIVE=$(ls "$WORK"/sdist/llama_cpp_python-"$VERSION".tar.gz)
-  TOP=$(tar -tzf "$ARCHIVE" | head -1 | cut -d/ -f1)
+  TOP=$(basename "$ARCHIVE" .tar.gz)  # an sdist unpacks into NAME-VERSION/
   tar -xzf "$ARCHIVE" -C "$WORK/sdist" "$TOP/vendor/llama.cpp/convert_hf_to_gguf.py" \
     "$TOP/vendor/llama.cpp/conversion" "$TOP/vendor/llama.cpp/gguf-py"
   rm -rf "$SRC" && mv "$WORK/sdist/$TOP/vendor/llama.cpp" "$SRC"
@@ -71,8 +77,8 @@ ls -l "$F32" "$Q8"
 echo "== 4. llama.cpp (f32) against transformers: greedy ids and logits within $TOL"
 "$PYTHON" "$HELPER" check "$EXPORT" "$F32" --tol "$TOL" --threads "$THREADS"
 
-echo "== 5. a llama.cpp generation (Q8_0)"
-"$PYTHON" - "$Q8" "$PROMPT" "$THREADS" <<'PY'
+echo "== 5. a llama.cpp generation (f32)"
+"$PYTHON" - "$F32" "$PROMPT" "$THREADS" <<'PY'
 import sys
 from llama_cpp import Llama
 
@@ -83,6 +89,8 @@ PY
 
 if [ "${SPEED:-0}" = "1" ]; then
   echo "== 6. greedy decode tokens/s"
-  "$PYTHON" "$HELPER" speed "$EXPORT" "$F32" "$Q8" --threads "$THREADS" "${LOMIX_ARGS[@]}"
+  "$PYTHON" "$HELPER" speed "$EXPORT" "$F32" --threads "$THREADS" "${LOMIX_ARGS[@]}"
+  "$PYTHON" "$HELPER" speed "$EXPORT" "$Q8" --threads "$THREADS" --llamacpp-only \
+    || echo "note: llama.cpp crashed on the Q8_0 file (see 'Known' at the top of this script)"
 fi
 echo "OK: $EXPORT runs in llama.cpp with transformers' greedy ids and logits"
