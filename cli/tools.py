@@ -105,7 +105,7 @@ def merge(
 def export(
     run_dir: Path = RUN_DIR,
     overrides: list[str] | None = overrides_argument(),
-    format: str = typer.Option(..., "--format", "-f", help="merged, peft or lomix."),
+    format: str = typer.Option(..., "--format", "-f", help="merged, peft, lomix or moe."),
     out: Path = typer.Option(..., "--out", "-o", help="The folder to write."),
     task: str | None = typer.Option(
         None, "--task", help="Route of this task (name or id from tasks.json), for task-routed mixtures."
@@ -114,7 +114,9 @@ def export(
     """Export a mixture: one PEFT LoRA, a merged transformers checkpoint, or the lomix format.
 
     peft and merged need a fixed route: --task T for a task-routed mixture, or a router with a fixed
-    route (a global route by task description, `fixed`). Token-routed mixtures export with --format lomix only.
+    route (a global route by task description, `fixed`). moe writes a block-routed mixture (routing_scope: block,
+    softmax top-k) of a Llama/Mistral base as a Mixtral checkpoint. Other token-routed mixtures export with
+    --format lomix only.
     """
     from lomix.recipes import export as recipe
 

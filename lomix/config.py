@@ -16,6 +16,7 @@ from .routers import RouterConfig, router_config
 from .typed import from_dict, to_dict
 
 REDUCTIONS = ("mean", "sum")
+ROUTING_SCOPES = ("layer", "block")
 
 
 @dataclass
@@ -71,6 +72,31 @@ class MixtureConfig:
         default_factory=lambda: router_config("topk"),
         metadata={"help": "the router: a registered name plus that router's own fields"},
     )
+    routing_scope: str = field(
+        default="layer",
+        metadata={
+            "help": "layer: every wrapped linear has its own router; block: one router per feed-forward module "
+            "(the parent of the block_modules targets, e.g. a decoder block's mlp) reads that module's input "
+            "(Llama: the post-attention-norm hidden state) and picks k experts per token, each expert being the "
+            "whole feed-forward with its LoRA on every wrapped projection, mixed by the gates (MixLoRA; a "
+            "softmax top-k router then exports as a native MoE checkpoint: lomix export --format moe)"
+        },
+    )
+    block_modules: list[str] = field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        metadata={
+            "help": "with routing_scope block: the targets (same matching as target_modules) that share their "
+            "parent module's router; the first of each parent, in model order, must read the parent's input"
+        },
+    )
+    layer_router: RouterConfig | None = field(
+        default=None,
+        metadata={
+            "help": "with routing_scope block: the router of each target outside block_modules (e.g. attention "
+            "projections: {name: fixed, experts: [0], weights: [1.0]}, one non-routed LoRA); null: every target "
+            "must be a block module"
+        },
+    )
     balance: BalanceConfig | None = field(
         default=None,
         metadata={
@@ -93,6 +119,8 @@ class MixtureConfig:
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
             self.router = RouterConfig.from_config_dict(self.router)
+        if isinstance(self.layer_router, dict):
+            self.layer_router = RouterConfig.from_config_dict(self.layer_router, "layer_router")
         if self.balance is None:  # unset: the router's needs are its defaults (RouterConfig.mixture_defaults)
             self.balance = from_dict(BalanceConfig, self.router.mixture_defaults().get("balance", {}), "balance")
         if isinstance(self.balance, dict):
@@ -116,7 +144,15 @@ class MixtureConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.kernel not in BACKENDS:
             raise ConfigError("kernel", f"must be one of {', '.join(BACKENDS)}, got {self.kernel!r}")
+        if self.routing_scope not in ROUTING_SCOPES:
+            raise ConfigError(
+                "routing_scope", f"must be one of {', '.join(ROUTING_SCOPES)}, got {self.routing_scope!r}"
+            )
+        if self.routing_scope == "block" and not self.block_modules:
+            raise ConfigError("block_modules", "must name at least one module when routing_scope is block")
         self.router.validate(self.num_experts)
+        if self.layer_router is not None:
+            self.layer_router.validate(self.num_experts)
         if self.merged is not None:
             self.merged.validate(self.num_experts)
         self.router.validate_mixture(self)  # the router's rules on other mixture fields
@@ -139,6 +175,10 @@ class MixtureConfig:
             "balance": to_dict(self.balance),
             "kernel": self.kernel,
         }
+        if self.routing_scope != "layer":  # per-layer mixtures keep the files they always had
+            data["routing_scope"] = self.routing_scope
+            data["block_modules"] = list(self.block_modules)
+            data["layer_router"] = None if self.layer_router is None else self.layer_router.to_dict()
         if self.merged is not None:  # unmerged mixtures keep the files they always had
             data["merged"] = self.merged.to_dict()
         return data

@@ -83,8 +83,10 @@ def update_router(model: nn.Module, **fields: Any) -> RouterConfig:
     config = dataclasses.replace(state.config.router, **fields)
     config.validate(state.config.num_experts)
     state.config = dataclasses.replace(state.config, router=config)
+    own = state.config.layer_router  # block routing: the other targets' own router keeps its config
     for _, layer in mixture_layers(model):
-        layer.router.config = config
+        if own is None or layer.router.config is not own:
+            layer.router.config = config
     return config
 
 

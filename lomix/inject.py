@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import pretrained
+from .block_routing import layer_config, share_block_routing
 from .config import MixtureConfig
 from .errors import LomixError, TargetModulesNotFoundError, TargetNotCalledError
 from .layer import MixtureLinear, linear_dims
@@ -137,7 +138,9 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
     holder = ContextHolder()
     # Every layer is built before any is swapped in: a layer the router rejects leaves the model untouched.
-    layers = {name: MixtureLinear(model.get_submodule(name), config, holder, name) for name in targets}
+    layers = {
+        name: MixtureLinear(model.get_submodule(name), layer_config(config, name), holder, name) for name in targets
+    }
     for name, layer in layers.items():
         # A new layer follows the wrapped module's mode, or a model loaded for inference (eval mode)
         # would route with training noise (Gumbel noise, router jitter, expert dropout).
@@ -146,6 +149,7 @@ def inject(model: nn.Module, config: MixtureConfig, *, verbose: bool = False) ->
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
+    share_block_routing(layers, model, config, holder)  # routing_scope: block (lomix.block_routing)
     trainable = {id(p) for p in mixture_parameters(model)}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
@@ -229,10 +233,13 @@ def check_targets_run(model: nn.Module, probe: Callable[[], Any], field: str = "
 
 
 def mixture_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Every expert and router parameter of the model's mixture layers."""
+    """Every expert and router parameter of the model's mixture layers (a router shared by a block once)."""
+    seen: set[int] = set()
     for _, layer in mixture_layers(model):
         yield from layer.experts.parameters()
-        yield from layer.router.parameters()
+        if id(layer.router) not in seen:
+            seen.add(id(layer.router))
+            yield from layer.router.parameters()
 
 
 def eject(model: nn.Module) -> nn.Module:
@@ -241,6 +248,8 @@ def eject(model: nn.Module) -> nn.Module:
     if state is None:
         raise LomixError(f"{type(model).__name__} holds no lomix mixture to remove")
     for name, layer in list(mixture_layers(model)):
+        if layer.shared_routing is not None:
+            layer.shared_routing.detach()  # the block's hooks (detaching twice is harmless)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base_layer)

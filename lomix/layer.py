@@ -8,6 +8,8 @@ gates, served by `lomix.kernels.mixture_lora`) or `ParameterMixing` (per-sequenc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -22,6 +24,9 @@ from .losses import router_z_loss, switch_load_balancing_loss
 from .quant import disable_cpu_repacking
 from .routers import build_router
 from .routing import ContextHolder, ParameterMixing, RoutingContext, TokenRouting
+
+if TYPE_CHECKING:
+    from .block_routing import SharedRouting
 
 
 def _conv1d_type() -> type | None:
@@ -115,6 +120,8 @@ class MixtureLinear(nn.Module):
         self.record_routing = False
         self.last_routing: TokenRouting | ParameterMixing | None = None
         self.disabled = False
+        # Set by lomix.block_routing when this layer shares its block's router (routing_scope: block).
+        self.shared_routing: SharedRouting | None = None
 
     # Modules such as T5's feed-forward read ``.weight`` of their projections directly.
     @property
@@ -130,19 +137,23 @@ class MixtureLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         backend = resolve_backend(self.kernel, x.device)  # once per call: every path below needs it
         plain_call = not (args or kwargs)
-        fused = fused_layer_forward(self, x) if plain_call and backend == "triton" else None
+        shared = self.shared_routing is not None  # a block's router: not this layer's own fused rule
+        fused = fused_layer_forward(self, x) if plain_call and not shared and backend == "triton" else None
         if fused is not None:  # base GEMM, router and experts in two Triton launches (lomix.kernels.fused)
             self._record(fused[1], self._context.get())
             return fused[0]
         out = self.base_layer(x, *args, **kwargs)
         context = self._context.get()
         # A softmax top-k router on the CPU path: router and shrink as one GEMM (lomix.kernels.routed_dense).
-        rule = softmax_topk_dense_rule(self, x, backend) if plain_call and out.dtype == x.dtype else None
+        rule = softmax_topk_dense_rule(self, x, backend) if plain_call and not shared and out.dtype == x.dtype else None
         if rule is not None:
             result, routing = softmax_topk_dense_forward(self, x, out, rule)
             self._record(routing, context)
             return result
-        routing = self.router(x, context)
+        if shared:  # one expert per (token, slot) row, gate 1; the block's hook applies the gates
+            routing, recorded = self.shared_routing.route(self, x)
+        else:
+            routing = recorded = self.router(x, context)
         expert_x = self.dropout(x)
         if isinstance(routing, TokenRouting):
             result = self._token_routed(expert_x, out, routing)
@@ -153,7 +164,7 @@ class MixtureLinear(nn.Module):
                 f"router {self.router.name!r} returned {type(routing).__name__}; "
                 "expected TokenRouting or ParameterMixing"
             )
-        self._record(routing, context)
+        self._record(recorded, context)
         return result
 
     def _token_routed(self, x: torch.Tensor, out: torch.Tensor, routing: TokenRouting) -> torch.Tensor:

@@ -3,6 +3,7 @@
     lomix export RUN_DIR --format peft --task date_understanding --out out/peft
     lomix export RUN_DIR --format merged --out out/merged       # a router with a fixed route
     lomix export MERGED_RUN --format lomix --out out/mixture    # token-routed: keeps the lomix runtime
+    lomix export RUN_DIR --format moe --out out/moe             # block-routed: a Mixtral checkpoint
 
 - ``peft``: a mixture whose routing is fixed (for task T with ``--task``, or by its router) as ONE
   standard PEFT LoRA of rank k*r (`lomix.export.export_peft`); loads with
@@ -10,6 +11,10 @@
 - ``merged``: the same folded into the base weights, saved with the tokenizer as a plain
   transformers checkpoint (`lomix.export.export_merged`); a bitsandbytes base is dequantized,
   merged and saved in full precision, and the command says so.
+- ``moe``: a block-routed mixture (``mixture.routing_scope: block``, a softmax top-k router) of a
+  Llama/Mistral-family base as a ``MixtralForCausalLM`` checkpoint with the base's tokenizer files
+  (`lomix.export_moe.export_moe`), served by transformers, llama.cpp, vLLM or SGLang without lomix.
+  Anything Mixtral cannot compute exactly is refused with the reason.
 - ``lomix``: the mixture in the lomix format (after `lomix merge` when run on a merged run), with
   the run's tasks.json so task ids keep their meaning. The only option for token-routed mixtures.
 
@@ -31,7 +36,7 @@ from lomix.errors import ConfigError
 from lomix.export import EXPORT_INFO_NAME, export_merged, export_peft
 from lomix.recipes.runs import LoadedRun, load_run
 
-FORMATS = ("merged", "peft", "lomix")
+FORMATS = ("merged", "peft", "lomix", "moe")
 
 
 def task_route(run: LoadedRun, task: str | None) -> dict[str, Any]:
@@ -50,7 +55,7 @@ def task_route(run: LoadedRun, task: str | None) -> dict[str, Any]:
 
 def run(
     run_dir: str | Path,
-    fmt: Literal["merged", "peft", "lomix"],
+    fmt: Literal["merged", "peft", "lomix", "moe"],
     out: str | Path,
     task: str | None = None,
     overrides: Sequence[str] = (),
@@ -67,6 +72,11 @@ def run(
             info = {"format": "lomix", "lomix_version": lomix.__version__, "notes": [], "source": str(run_dir)}
             (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         return info
+    if fmt == "moe":
+        from lomix.export_moe import export_moe
+        from lomix.recipes.assets import model_folder
+
+        return export_moe(loaded.model, out, tokenizer_dir=model_folder(loaded.cfg.model), tokenizer=loaded.tokenizer)
     if fmt == "peft":
         export_peft(loaded.model, out, **route)
         info = json.loads((out / EXPORT_INFO_NAME).read_text())

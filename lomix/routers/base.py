@@ -146,6 +146,12 @@ class Router(nn.Module):
         layer calls ``forward``)."""
         return None
 
+    def softmax_topk_mismatch(self) -> str:
+        """Why ``softmax_topk_rule`` is None right now, as one phrase an error can quote (an export to a
+        native mixture-of-experts checkpoint, whose gate is a linear softmax top-k, says it). The
+        default names the router; routers that know their reason say it (top-p, a balancing bias)."""
+        return f"router {self.name!r} declares no linear softmax top-k rule (Router.softmax_topk_rule)"
+
     def after_optimizer_step(self) -> None:
         """Update state that is not trained by the optimizer, once per optimizer step, from what the
         router saw in the training forwards since the previous step (the loss-free balancing bias of

@@ -28,6 +28,9 @@ class DenseRouterConfig(RouterConfig):
 
 @register_router("dense", DenseRouterConfig)
 class DenseRouter(LinearGate):
+    def softmax_topk_mismatch(self) -> str:
+        return "dense routing weighs every expert by its softmax probability, without a top-k"
+
     def forward(self, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
         return self.route_logits(self.logits(x), x, context)
 

@@ -92,6 +92,9 @@ def expert_choice(
 
 @register_router("expert_choice", ExpertChoiceRouterConfig)
 class ExpertChoiceRouter(LinearGate):
+    def softmax_topk_mismatch(self) -> str:
+        return "expert-choice routing lets each expert pick its tokens, not each token its top-k experts"
+
     def forward(self, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
         logits = self.logits(x)
         probs = logits.softmax(dim=-1)

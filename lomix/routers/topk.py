@@ -156,3 +156,13 @@ class TopKRouter(LinearGate):
         if self.bias_update_rate > 0:
             return None
         return SoftmaxTopK(self.weight, self.config.k, self.config.renormalizes)
+
+    def softmax_topk_mismatch(self) -> str:
+        if self.bias_update_rate > 0:
+            return (
+                "loss-free balancing (router.bias_update_rate > 0) selects experts by p + b, a learned bias, "
+                "not by the probabilities p"
+            )
+        if self.training and self.config.jitter > 0:
+            return "router.jitter multiplies the router's input by noise (in training)"
+        return super().softmax_topk_mismatch()

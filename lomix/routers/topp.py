@@ -95,6 +95,9 @@ def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 @register_router("topp", TopPRouterConfig)
 class TopPRouter(LinearGate):
+    def softmax_topk_mismatch(self) -> str:
+        return "top-p routing keeps a variable number of experts per token (probability mass p), not a fixed top-k"
+
     def forward(self, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
         logits = self.logits(x)
         probs = logits.softmax(dim=-1)

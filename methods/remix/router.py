@@ -159,6 +159,9 @@ class RemixRouter(LinearGate):
         self.omega = self.config.omega_value(mixture.rank)
         self.gate = self.omega / mixture.scale
 
+    def softmax_topk_mismatch(self) -> str:
+        return "remix gives the k selected experts equal constant weights, not their softmax probabilities"
+
     def forward(self, x: torch.Tensor, context: RoutingContext) -> TokenRouting:
         router_x = x.detach() if self.config.detach_input else x
         n = x.numel() // self.d_in
