@@ -29,8 +29,6 @@ from lomix.errors import ConfigError
 from lomix.routers import RouterConfig, available_routers, router_class, router_config_from_dict
 from lomix.typed import _type_name, coerce, field_docs, from_dict, to_dict, unknown_key_message
 
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow")
-
 
 @dataclass
 class ModelConfig:
@@ -172,8 +170,8 @@ class DataConfig:
         metadata={
             "path": True,
             "keywords": ("bigbench",),  # a name with a meaning of its own, never made a path
-            "help": "training data: a local .json/.jsonl/.csv/.tsv/.parquet/.arrow file, a hub dataset id, or "
-            "'bigbench' "
+            "help": "training data: a local data file (JSON, JSONL, CSV, TSV, Parquet or IPC: docs/own_data.md), "
+            "a hub dataset id, or 'bigbench' "
             "(built from the PyPI sdist into $LOMIX_CACHE/bigbench, see data.bigbench)",
         }
     )

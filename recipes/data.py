@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lomix.recipes.config import LOCAL_DATA_SUFFIXES, DataConfig
+from lomix.recipes.config import DataConfig
 from lomix.recipes.examples import DataError, Example, MissingSplitError
 from lomix.recipes.formats import detect_format, format_example, missing_columns
 
@@ -27,6 +27,9 @@ IGNORE_INDEX = -100
 
 # ----------------------------------------------------------------------------------------------
 # Reading
+
+# Files read as data (the rest of a data.train/data.test value is a hub dataset id or a folder).
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow")
 
 
 def _is_local(source: str) -> bool:
