@@ -56,24 +56,10 @@ def make_accelerator(**kwargs: Any):
     if deepspeed_requested():
         # accelerate starts DeepSpeed only when not told cpu=True; DeepSpeed's CPU accelerator then
         # needs gloo named (accelerate finds no backend without a GPU and would train alone).
-        without_shared_memory_op()
         return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
     if fsdp_requested():
         return Accelerator(cpu=True, fsdp_plugin=cpu_fsdp_plugin(), **kwargs)
     return Accelerator(cpu=True, **kwargs)
-
-
-def without_shared_memory_op() -> None:
-    """DeepSpeed's communication on CPU processes through plain gloo collectives.
-
-    On the CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op with the system C++ compiler at
-    its first use (about 3.5 minutes on 2 cores, in every new environment, and a failure where no
-    compiler is installed). It is only a faster path for the same all-reduce: marking the op
-    incompatible makes DeepSpeed take torch.distributed's gloo collectives, which need nothing built.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def cpu_fsdp_plugin():
