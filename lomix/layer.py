@@ -132,6 +132,13 @@ class MixtureLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    def train(self, mode: bool = True) -> MixtureLinear:
+        # Inference caches of the experts' stacked factors (lomix.kernels.routed_dense) are keyed on
+        # the tensors' version counters, which writes through `.data` or a flat buffer (DeepSpeed's
+        # optimizer) do not bump: every train()/eval() switch, as around an evaluation, drops them.
+        self.__dict__.pop("_routed_dense_cache", None)
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)

@@ -67,6 +67,22 @@ def test_inference_reuses_the_stacked_factors_until_a_weight_changes():
     assert not torch.allclose(first, second)
 
 
+def test_an_update_the_version_counters_miss_is_seen_after_a_train_eval_switch():
+    """Writes through `.data` (as DeepSpeed's optimizer makes into its flat buffers) bump no version
+    counter; an evaluation between training steps switches eval() on, which must drop the cache."""
+    layer = make_layer().eval()
+    x = torch.randn(3, 12, dtype=torch.float32)
+    with torch.no_grad():
+        first = layer(x)
+    layer.experts.A.data.mul_(2.0)
+    layer.router.weight.data.add_(0.3)
+    layer.train().eval()
+    with torch.no_grad():
+        second = layer(x)
+        torch.testing.assert_close(second, reference(layer, x)[0])
+    assert not torch.allclose(first, second)
+
+
 def test_router_hooks_and_expert_dropout_keep_the_router_call():
     layer = make_layer().train()
     x = torch.randn(4, 12, dtype=torch.float32)
