@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import copy
 
+import model_step
 import torch
 from harness import fmt, machine, ratio_table, write_json
 from model_step import TARGETS, load_base
-from torch.nn import functional as F
 
 import lomix
 
@@ -31,15 +31,14 @@ ROUTERS: dict[str, dict] = {
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor):
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        (loss + lomix.aux_loss(model)).backward()
-        optimizer.step()
+    """model_step's step (with the auxiliary losses), then the routers' post-step update (loss-free bias)."""
+    step = model_step.training_step(model, optimizer, ids, aux=True)
+
+    def step_and_update() -> None:
+        step()
         lomix.after_optimizer_step(model)
 
-    return step
+    return step_and_update
 
 
 def main() -> None:
