@@ -18,7 +18,7 @@ from .errors import RoutingError, UnsupportedModuleError
 from .experts import ExpertBank
 from .kernels import mixture_lora, mixture_lora_mixed, resolve_backend
 from .kernels.fused import fused_layer_forward
-from .kernels.routed_dense import softmax_topk_dense_forward, softmax_topk_dense_rule
+from .kernels.routed_dense import softmax_topk_dense_forward, softmax_topk_dense_inference, softmax_topk_dense_rule
 from .layout import SparseResidual, residual_size
 from .losses import router_z_loss, switch_load_balancing_loss
 from .quant import disable_cpu_repacking
@@ -154,6 +154,11 @@ class MixtureLinear(nn.Module):
         # A softmax top-k router on the CPU path: router and shrink as one GEMM (lomix.kernels.routed_dense).
         rule = softmax_topk_dense_rule(self, x, backend) if plain_call and not shared and out.dtype == x.dtype else None
         if rule is not None:
+            if not (self.training or self.record_routing or torch.is_grad_enabled()):
+                # Evaluation / generation that keeps no routing: nothing to record, no loss to add.
+                if self.aux_losses or self.last_routing is not None:  # (module attribute writes are slow)
+                    self.aux_losses, self.last_routing = {}, None
+                return softmax_topk_dense_inference(self, x, out, rule)
             result, routing = softmax_topk_dense_forward(self, x, out, rule)
             self._record(routing, context)
             return result

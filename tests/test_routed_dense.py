@@ -100,10 +100,35 @@ def test_router_hooks_and_expert_dropout_keep_the_router_call():
     assert len(seen) == 2
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_a_decode_step_reads_only_the_selected_experts_and_matches_the_unfused_path(k):
-    # One token, k < E: the selected experts' factors are gathered instead of running all E.
-    layer = make_layer(k=k, experts=6).eval()
+@pytest.mark.parametrize(
+    ("k", "experts", "renormalize", "shape"),
+    [
+        (2, 4, None, (2, 5, 12)),  # E <= 4k: the masked-softmax gate matrix over the dense intermediate
+        (2, 4, False, (3, 12)),  # gates without renormalisation: the softmax's top-k values
+        (1, 4, None, (1, 1, 12)),
+        (2, 12, None, (1, 1, 12)),  # a decode step over many experts: only the selected factors are read
+        (3, 16, False, (1, 12)),
+        (2, 12, None, (4, 12)),  # T*k >= E: dense again
+    ],
+)
+def test_inference_without_kept_routing_matches_the_unfused_path(k, experts, renormalize, shape):
+    layer = make_layer(k=k, experts=experts, renormalize=renormalize).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected, _ = reference(layer, x)
+        layer.router.forward = _refuse
+        got = layer(x)
+        again = layer(x)  # from the cached factors
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(again, expected)
+    assert layer.last_routing is None and layer.aux_losses == {}
+
+
+@pytest.mark.parametrize(("k", "experts"), [(1, 6), (2, 6), (2, 12)])
+def test_an_evaluation_that_keeps_its_routing_returns_the_routers_decision(k, experts):
+    # Statistics collection (record_routing) takes the routing-returning path: same output, and the
+    # indices and gates the router's own forward would give.
+    layer = make_layer(k=k, experts=experts).eval()
     x = torch.randn(1, 1, 12)
     with torch.no_grad():
         expected, routing = reference(layer, x)
@@ -112,3 +137,13 @@ def test_a_decode_step_reads_only_the_selected_experts_and_matches_the_unfused_p
         torch.testing.assert_close(layer(x), expected)
     assert torch.equal(layer.last_routing.indices, routing.indices)
     torch.testing.assert_close(layer.last_routing.gates, routing.gates)
+    torch.testing.assert_close(layer.last_routing.probs, routing.probs)
+
+
+def test_a_scale_change_rebuilds_the_inference_cache():
+    layer = make_layer().eval()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        layer(x)
+        layer.scale = 0.5  # the cache folds the scale into its expand matrix
+        torch.testing.assert_close(layer(x), reference(layer, x)[0])

@@ -10,7 +10,8 @@ step pay for.
 
 Without autograd (evaluation, generation) the stacked router+shrink matrix and the expand matrix
 are kept between calls and rebuilt only when a weight changes (a tensor's version counter moves
-with every in-place update: an optimizer step, ``load_state_dict``, merging).
+with every in-place update: an optimizer step, ``load_state_dict``, merging), and an evaluation
+that keeps no routing (`softmax_topk_dense_inference`) computes the gates with the fewest ops.
 
 `MixtureLinear` takes this path only when `softmax_topk_dense_rule` says so: the router declares a
 softmax top-k rule (`Router.softmax_topk_rule`), the torch backend runs, the dense strategy is the
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..routing import TokenRouting
 from .fused import SoftmaxTopK
-from .torch_backend import prefers_dense
+from .torch_backend import DENSE_MAX_EXPERTS_PER_ACTIVE, prefers_dense
 
 
 def softmax_topk_dense_rule(layer: nn.Module, x: torch.Tensor, backend: str) -> SoftmaxTopK | None:
@@ -62,13 +63,15 @@ def router_has_hooks(router: nn.Module) -> bool:
 
 
 class _FactorCache:
-    """The stacked matrices of one layer, reused while no weight changed (inference only)."""
+    """The stacked matrices of one layer, reused while no weight changed (inference only):
+    stacked_t (d_in, E + E*r) = [W_r; A_1..A_E]^T, contiguous for the GEMM, and expand (E*r, d_out) =
+    s * [B_1^T; ...; B_E^T] with the LoRA scale s folded in (one multiply fewer per call)."""
 
-    __slots__ = ("expand", "key", "stacked")
+    __slots__ = ("expand", "key", "stacked_t")
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.stacked: torch.Tensor | None = None
+        self.stacked_t: torch.Tensor | None = None
         self.expand: torch.Tensor | None = None
 
 
@@ -85,22 +88,88 @@ def _needs_graph(layer: nn.Module, rule: SoftmaxTopK) -> bool:
     return torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or weight.requires_grad)
 
 
-def _factors(layer: nn.Module, rule: SoftmaxTopK) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_factors(layer: nn.Module, rule: SoftmaxTopK) -> _FactorCache:
+    """The layer's inference cache, rebuilt when a weight or the scale changed (see `_FactorCache`)."""
     A, B, weight = layer.experts.A, layer.experts.B, rule.weight
-    if _needs_graph(layer, rule):
-        return _stack(weight, A, B)  # in the graph: gradients flow to W_r, A and B
-    cache = layer.__dict__.setdefault("_routed_dense_cache", _FactorCache())
-    key = tuple((t.data_ptr(), t._version, t.shape) for t in (weight, A, B))
+    cache = layer.__dict__.get("_routed_dense_cache")
+    if cache is None:
+        cache = layer.__dict__["_routed_dense_cache"] = _FactorCache()
+    key = (weight.data_ptr(), weight._version, A.data_ptr(), A._version, B.data_ptr(), B._version, A.shape, layer.scale)
     if cache.key != key:
-        cache.stacked, cache.expand = _stack(weight.detach(), A.detach(), B.detach())
+        with torch.no_grad():
+            stacked, expand = _stack(weight, A, B)
+            cache.stacked_t = stacked.t().contiguous()
+            cache.expand = expand * layer.scale
         cache.key = key
-    return cache.stacked, cache.expand
+    return cache
+
+
+def _gate_matrix(logits: torch.Tensor, rule: SoftmaxTopK) -> torch.Tensor:
+    """(T, E) float32: each token's gate on every expert, zero outside its top-k.
+
+    Renormalised top-k gates are the softmax of the k largest logits (the softmax's denominator
+    cancels), so the full softmax, the sum and the division are one masked softmax: -inf outside
+    the top-k, whose exponential is exactly 0."""
+    logits = logits.float()
+    if rule.renormalize:
+        top, indices = logits.topk(rule.k, dim=-1)
+        return torch.full_like(logits, float("-inf")).scatter_(1, indices, top).softmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    top, indices = probs.topk(rule.k, dim=-1)
+    return torch.zeros_like(probs).scatter_(1, indices, top)
+
+
+def softmax_topk_dense_inference(
+    layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rule: SoftmaxTopK
+) -> torch.Tensor:
+    """out + the routed delta (..., d_out) without autograd and with no routing kept (evaluation,
+    generation): the fewest ops per layer, which is what a one-token decode step pays for.
+
+    x (..., d_in) and out (..., d_out) in the experts' dtype. Same math as `softmax_topk_dense_forward`:
+    one GEMM against the cached [W_r; A_1..A_E]^T, the gate matrix from the first E columns
+    (`_gate_matrix`), the gated rank-(E*r) intermediate expanded into ``out`` by one addmm against
+    the cached, scaled expand matrix. With many experts and few tokens (T*k < E and E > 4k) only the
+    selected experts' factors are read instead (`_selected_experts_inference`)."""
+    num_experts, rank, d_in = layer.experts.A.shape
+    flat = x.reshape(-1, d_in)
+    tokens = flat.shape[0]
+    cache = _cached_factors(layer, rule)
+    out2d = out.reshape(tokens, -1)
+    if tokens * rule.k < num_experts and num_experts > DENSE_MAX_EXPERTS_PER_ACTIVE * rule.k:
+        return _selected_experts_inference(layer, flat, out2d, rule, cache).view(out.shape)
+    projected = torch.mm(flat, cache.stacked_t)  # (T, E + E*r): router logits, then every expert's shrink
+    gates = _gate_matrix(projected[:, :num_experts], rule).to(flat.dtype)
+    hidden = projected[:, num_experts:].view(tokens, num_experts, rank) * gates.unsqueeze(-1)
+    return torch.addmm(out2d, hidden.view(tokens, num_experts * rank), cache.expand).view(out.shape)
+
+
+def _selected_experts_inference(
+    layer: nn.Module, flat: torch.Tensor, out2d: torch.Tensor, rule: SoftmaxTopK, cache: _FactorCache
+) -> torch.Tensor:
+    """A few tokens over many experts (a decode step, E > 4k): the router first, then only the k
+    selected experts' A and B (T*k*r rows each) are gathered, so the adapter reads the bytes of one
+    LoRA of rank k*r instead of all E experts'. flat (T, d_in), out2d (T, d_out) -> (T, d_out)."""
+    A = layer.experts.A
+    num_experts, rank, d_in = A.shape
+    tokens, k = flat.shape[0], rule.k
+    logits = torch.mm(flat, cache.stacked_t[:, :num_experts]).float()
+    if rule.renormalize:
+        top, indices = logits.topk(k, dim=-1)
+        gates = top.softmax(dim=-1)  # the renormalised top-k gates (see `_gate_matrix`)
+    else:
+        gates, indices = logits.softmax(dim=-1).topk(k, dim=-1)
+    chosen = indices.reshape(-1)
+    a_rows = A.index_select(0, chosen).view(tokens, k * rank, d_in)
+    b_rows = cache.expand.view(num_experts, rank, -1).index_select(0, chosen).view(tokens, k * rank, -1)
+    hidden = torch.bmm(a_rows, flat.unsqueeze(-1)).view(tokens, k, rank) * gates.to(flat.dtype).unsqueeze(-1)
+    return torch.baddbmm(out2d.unsqueeze(1), hidden.view(tokens, 1, k * rank), b_rows).view(tokens, -1)
 
 
 def softmax_topk_dense_forward(
     layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rule: SoftmaxTopK
 ) -> tuple[torch.Tensor, TokenRouting]:
-    """(out + routed delta (..., d_out), routing) of a `MixtureLinear` whose base output is ``out``.
+    """(out + routed delta (..., d_out), routing) of a `MixtureLinear` whose base output is ``out``:
+    the path of a training forward, or of an evaluation that keeps its routing (statistics).
 
     x (..., d_in), out (..., d_out), both in the experts' dtype. The routing holds the same indices, gates, probs
     and logits as the router's own forward.
@@ -109,10 +178,13 @@ def softmax_topk_dense_forward(
     num_experts, rank, d_in = A.shape
     flat = x.reshape(-1, d_in)
     tokens = flat.shape[0]
-    if tokens * rule.k < num_experts and not _needs_graph(layer, rule):
-        return _selected_experts_forward(layer, flat, out, rule)
-    stacked, expand = _factors(layer, rule)
-    projected = flat @ stacked.t()  # (T, E + E*r): router logits, then every expert's shrink
+    if _needs_graph(layer, rule):
+        stacked, expand = _stack(rule.weight, A, layer.experts.B)  # in the graph: gradients reach W_r, A, B
+        projected = flat @ stacked.t()  # (T, E + E*r): router logits, then every expert's shrink
+        scale = layer.scale
+    else:
+        cache = _cached_factors(layer, rule)
+        projected, expand, scale = torch.mm(flat, cache.stacked_t), cache.expand, 1.0  # scale is in expand
     logits, hidden = projected.split([num_experts, num_experts * rank], dim=1)
     logits = logits.float()  # the router's logits are float32 (a no-op for float32 inputs)
     probs = logits.softmax(dim=-1)
@@ -120,38 +192,8 @@ def softmax_topk_dense_forward(
     if rule.renormalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
     # (T, E) gate matrix times the scale, then each expert's rank-r slice of the intermediate.
-    gate_matrix = flat.new_zeros(tokens, num_experts).scatter(1, indices, gates.to(flat.dtype) * layer.scale)
+    gate_matrix = flat.new_zeros(tokens, num_experts).scatter(1, indices, gates.to(flat.dtype) * scale)
     hidden = (hidden.view(tokens, num_experts, rank) * gate_matrix.unsqueeze(-1)).view(tokens, num_experts * rank)
     result = torch.addmm(out.reshape(-1, out.shape[-1]), hidden, expand)
-    routing = TokenRouting(indices=indices, gates=gates, probs=probs, logits=logits)
-    return result.view(out.shape), routing
-
-
-def _selected_experts_forward(
-    layer: nn.Module, flat: torch.Tensor, out: torch.Tensor, rule: SoftmaxTopK
-) -> tuple[torch.Tensor, TokenRouting]:
-    """Inference on a few tokens (T*k < E, a decode step): read only the selected experts' factors.
-
-    At one token per step the layer is bound by the bytes of weight it reads, and the dense path
-    reads every expert; here the router runs first and the k selected experts' A and B (T*k*r rows
-    each) are gathered, so the adapter reads what one LoRA of rank k*r would.
-    flat (T, d_in), out (..., d_out).
-    """
-    A = layer.experts.A
-    num_experts, rank, d_in = A.shape
-    tokens, k = flat.shape[0], rule.k
-    logits = (flat @ rule.weight.t()).float()
-    probs = logits.softmax(dim=-1)
-    gates, indices = probs.topk(k, dim=-1)
-    if rule.renormalize:
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-    chosen = indices.reshape(-1)
-    _, expand = _factors(layer, rule)  # (E*r, d_out), kept between calls
-    a_rows = A.index_select(0, chosen).view(tokens, k * rank, d_in)
-    b_rows = expand.view(num_experts, rank, -1).index_select(0, chosen).view(tokens, k * rank, -1)
-    hidden = torch.bmm(a_rows, flat.unsqueeze(-1)).view(tokens, k, rank)  # (T, k, r)
-    hidden = hidden * (gates.to(flat.dtype) * layer.scale).unsqueeze(-1)
-    delta = torch.bmm(hidden.view(tokens, 1, k * rank), b_rows).view(tokens, -1)
-    result = out.reshape(tokens, -1) + delta
     routing = TokenRouting(indices=indices, gates=gates, probs=probs, logits=logits)
     return result.view(out.shape), routing
