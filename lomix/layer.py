@@ -149,7 +149,12 @@ class MixtureLinear(nn.Module):
         if fused is not None:  # base GEMM, router and experts in two Triton launches (lomix.kernels.fused)
             self._record(fused[1], self._context.get())
             return fused[0]
-        out = self.base_layer(x, *args, **kwargs)
+        if shared and plain_call and x.dim() >= 2 and x.shape[-2] > 1 and x.stride(-2) == 0:
+            # Block routing hands the feed-forward k stride-0 copies of each token: a projection that
+            # reads the block's input (gate, up) computes its frozen GEMM once per token, not per slot.
+            out = self.base_layer(x[..., :1, :]).expand(*x.shape[:-1], self.d_out)
+        else:
+            out = self.base_layer(x, *args, **kwargs)
         context = self._context.get()
         # A softmax top-k router on the CPU path: router and shrink as one GEMM (lomix.kernels.routed_dense).
         rule = softmax_topk_dense_rule(self, x, backend) if plain_call and not shared and out.dtype == x.dtype else None

@@ -181,3 +181,33 @@ def test_update_router_changes_the_block_routers_only():
     x = torch.randn(1, 5, mlp.gate_proj.d_in)
     with torch.no_grad():
         torch.testing.assert_close(mlp(x).double(), reference_ffn(mlp, x, k=3), rtol=1e-5, atol=1e-6)
+
+
+def test_the_projections_reading_the_block_input_run_their_frozen_gemm_once_per_token():
+    # gate and up read k stride-0 copies of each token: their base GEMM sees each token once, down
+    # (whose input differs per slot) sees every slot; the block still equals its reference.
+    model, _ = block_model()
+    rows = {}
+    mlp = model.model.layers[0].mlp
+    handles = [
+        getattr(mlp, name).base_layer.register_forward_hook(
+            lambda m, args, out, name=name: rows.update({name: args[0].numel() // args[0].shape[-1]})
+        )
+        for name in FFN
+    ]
+    inputs = {}
+    handles.append(
+        model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda m, a, out: inputs.update(x=out))
+    )
+    outputs = {}
+    handles.append(mlp.register_forward_hook(lambda m, a, out: outputs.update(y=out)))
+    model.train()
+    model(**_inputs()).logits.sum().backward()
+    for handle in handles:
+        handle.remove()
+    tokens = inputs["x"].numel() // inputs["x"].shape[-1]
+    assert rows == {"gate_proj": tokens, "up_proj": tokens, "down_proj": 2 * tokens}
+    torch.testing.assert_close(
+        outputs["y"].detach().double(), reference_ffn(mlp, inputs["x"].detach()), rtol=1e-5, atol=1e-6
+    )
+    assert mlp.gate_proj.experts.A.grad.abs().sum() > 0 and mlp.gate_proj.router.weight.grad.abs().sum() > 0
