@@ -3,6 +3,7 @@
     python benchmarks/serve_llamacpp.py tiny OUT              # a tiny block-routed run, exported (offline)
     python benchmarks/serve_llamacpp.py check EXPORT GGUF     # llama.cpp == transformers (ids, logits)
     python benchmarks/serve_llamacpp.py speed EXPORT GGUF... [--run RUN_DIR | --lomix OUT/lomix]
+        [--base BASE_DIR --base-gguf GGUF...] [--rounds R] [--json OUT.json]
 
 ``tiny`` trains a sentencepiece tokenizer (llama.cpp's converter accepts a ``tokenizer.model``; toy
 byte-level BPE files are rejected), builds a config-built Llama with its vocabulary, trains a
@@ -15,8 +16,10 @@ generated ids with transformers' greedy ids and every position's logits with tra
 of the whole sequence. Exit status 1 when they differ beyond ``--tol``.
 
 ``speed`` prints greedy decode tokens/s (prompt of 16 tokens, --tokens new tokens, prefill
-included, median of --repeats) for each GGUF in llama.cpp, the export in transformers, and the
-lomix mixture in lomix (a run folder or the ``tiny`` output), all on --threads threads.
+included) of each GGUF in llama.cpp, the export in transformers, the lomix mixture in lomix (a run
+folder or the ``tiny`` output) and, with --base/--base-gguf, the base model in transformers and
+llama.cpp, all on --threads threads, in alternating rounds in one process (median and IQR, and each
+engine's per-round ratio to the first one); --json writes the table.
 """
 
 from __future__ import annotations
@@ -211,14 +214,10 @@ def check(export: Path, gguf: Path, new_tokens: int, tol: float, threads: int) -
 # speed: greedy decode tokens/s
 
 
-def _rate(run, new_tokens: int, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return new_tokens / statistics.median(times)
+def _timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def _lomix_model(args):
@@ -227,7 +226,7 @@ def _lomix_model(args):
     if args.run:
         from lomix.recipes.runs import load_run
 
-        return load_run(args.run).model
+        return load_run(args.run).model.eval()
     if args.lomix:
         from transformers import AutoModelForCausalLM
 
@@ -236,27 +235,82 @@ def _lomix_model(args):
     return None
 
 
-def speed(args) -> None:
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return q1, median, q3
+
+
+def speed(args) -> dict:
+    """Greedy decode tokens/s of every engine, in alternating rounds in this one process.
+
+    Each round decodes the same prompt once with every engine, in an order rotated from round to
+    round (a slow phase of the machine hits every engine alike); the result per engine is the
+    median and interquartile range of its rounds, and per round its ratio to the first engine
+    (the base model in transformers when ``--base`` is given, else the export in transformers)."""
     torch.set_num_threads(args.threads)
     export = Path(args.export)
     model = _transformers(export, args.threads)
     prompt = _prompt_ids(model.config)
     n = args.tokens
-    rows = {}
+    engines: dict[str, object] = {}
+    if args.base and not args.llamacpp_only:
+        base = _transformers(Path(args.base), args.threads)
+        engines["transformers: base model"] = lambda: _hf_greedy(base, prompt, n)
     if not args.llamacpp_only:
-        rows["transformers (the export)"] = _rate(lambda: _hf_greedy(model, prompt, n), n, args.repeats)
+        engines["transformers: the export"] = lambda: _hf_greedy(model, prompt, n)
     lomix_model = None if args.llamacpp_only else _lomix_model(args)
     if lomix_model is not None:
-        rows["lomix (the mixture)"] = _rate(lambda: _hf_greedy(lomix_model, prompt, n), n, args.repeats)
-    for gguf in args.gguf:
-        llm = _llama(Path(gguf), args.threads)
-        rows[f"llama.cpp ({Path(gguf).name})"] = _rate(lambda llm=llm: llamacpp_greedy(llm, prompt, n), n, args.repeats)
+        engines["lomix: the mixture"] = lambda: _hf_greedy(lomix_model, prompt, n)
+    for label, files in (("base model", args.base_gguf), ("the export", args.gguf)):
+        for gguf in files:
+            llm = _llama(Path(gguf), args.threads)
+            kind = Path(gguf).stem.rsplit("-", 1)[-1]  # f32 / q8_0 (the script's file names)
+            engines[f"llama.cpp {kind}: {label}"] = lambda llm=llm: llamacpp_greedy(llm, prompt, n)
+    names = list(engines)
+    for name in names:  # warm-up: first-call allocations, thread pools, caches
+        engines[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed(engines[name]))
+    reference = names[0]
+    rows = {}
+    for name in names:
+        rates = [n / t for t in times[name]]
+        ratios = [times[reference][i] / times[name][i] for i in range(args.rounds)]
+        q1, median, q3 = _quartiles(rates)
+        r1, ratio, r3 = _quartiles(ratios)
+        rows[name] = {
+            "tokens_per_s": median,
+            "tokens_per_s_iqr": [q1, q3],
+            "ratio_to_reference": ratio,
+            "ratio_iqr": [r1, r3],
+        }
+    result = {
+        "prompt_tokens": len(prompt),
+        "new_tokens": n,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "reference": reference,
+        "engines": rows,
+    }
     print(
         f"greedy decode, {len(prompt)}-token prompt + {n} new tokens (prefill included), {args.threads} threads, "
-        f"median of {args.repeats}"
+        f"{args.rounds} alternating rounds: median tokens/s (IQR), and tokens/s / {reference}'s per round"
     )
-    for name, rate in rows.items():
-        print(f"  {name:40s} {rate:8.1f} tokens/s")
+    for name, row in rows.items():
+        low, high = row["tokens_per_s_iqr"]
+        r1, r3 = row["ratio_iqr"]
+        print(
+            f"  {name:34s} {row['tokens_per_s']:8.1f} ({low:.1f}-{high:.1f})   "
+            f"x{row['ratio_to_reference']:.3f} ({r1:.3f}-{r3:.3f})"
+        )
+    if args.json:
+        from harness import machine, write_json
+
+        write_json(Path(args.json), {"machine": machine(), "export": str(export), **result})
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("gguf", nargs="*")
     bench.add_argument("--run", default=None, help="a lomix run folder: time the mixture in lomix too")
     bench.add_argument("--lomix", default=None, help="the tiny command's OUT/lomix folder (base beside it)")
+    bench.add_argument("--base", default=None, help="the base model's folder: time it in transformers too")
+    bench.add_argument("--base-gguf", nargs="*", default=[], help="the base model's GGUF files")
     bench.add_argument("--tokens", type=int, default=32)
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--rounds", type=int, default=5, help="alternating rounds after one warm-up")
+    bench.add_argument("--json", default=None, help="also write the result here")
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--llamacpp-only", action="store_true", help="time the GGUF files only")
     args = parser.parse_args(argv)

@@ -14,16 +14,18 @@
 #   4. runs the f32 GGUF with llama_cpp.Llama (f32 KV cache, logits_all) and checks that greedy
 #      decoding gives the same token ids as transformers and logits within TOL (default 1e-4);
 #   5. prints a short llama.cpp generation, and with SPEED=1 greedy decode tokens/s of llama.cpp
-#      (f32, Q8_0), the export in transformers and, with RUN=<lomix run folder>, lomix itself.
+#      (f32, Q8_0), the export in transformers and, with RUN=<lomix run folder>, lomix itself; with
+#      BASE=<the base model's folder> the base model in transformers and llama.cpp too (alternating
+#      rounds in one process; SPEED_JSON=<file> writes the table).
 #
-# Known: on a CPU with AMX (amx_int8 in /proc/cpuinfo) a -DGGML_NATIVE=ON build of llama-cpp-python
-# 0.3.36 died with "Illegal instruction" on the Q8_0 file while the f32 file ran (seen inside a VM,
-# where AMX tiles may not be granted); the generation therefore uses the f32 file, and the Q8_0
-# timing is skipped with a note when it crashes. A build without AMX (untested here):
+# The default build is a portable AVX2/AVX-512 CPU build without AMX: on a CPU that lists AMX
+# (amx_int8 in /proc/cpuinfo) a -DGGML_NATIVE=ON build of llama-cpp-python 0.3.36 died with
+# "Illegal instruction" on the Q8_0 file while the f32 file ran (inside a VM, where AMX tiles need
+# a permission the guest may not get); the build below ran both. On a CPU without AVX-512 use
 #   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 #
 # Environment: PYTHON (default .venv/bin/python), WORK (default $TMPDIR/lomix_llamacpp), TOL,
-# CMAKE_ARGS (default: a CPU build), THREADS (default 2), PROMPT (the generation's prompt).
+# CMAKE_ARGS (default: the CPU build above), THREADS (default 2), PROMPT (the generation's prompt).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,7 +40,10 @@ mkdir -p "$WORK"
 
 echo "== 1. llama-cpp-python and sentencepiece"
 if ! "$PYTHON" -c "import llama_cpp, sentencepiece" 2>/dev/null; then
-  CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DLLAMA_CURL=OFF"} \
+  AVX512=""
+  grep -q avx512f /proc/cpuinfo && AVX512="-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+  CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON $AVX512 \
+-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DLLAMA_CURL=OFF"} \
     "$PYTHON" -m pip install llama-cpp-python sentencepiece
 fi
 VERSION=$("$PYTHON" -c "import llama_cpp; print(llama_cpp.__version__)")
@@ -89,8 +94,17 @@ PY
 
 if [ "${SPEED:-0}" = "1" ]; then
   echo "== 6. greedy decode tokens/s"
-  "$PYTHON" "$HELPER" speed "$EXPORT" "$F32" --threads "$THREADS" "${LOMIX_ARGS[@]}"
-  "$PYTHON" "$HELPER" speed "$EXPORT" "$Q8" --threads "$THREADS" --llamacpp-only \
-    || echo "note: llama.cpp crashed on the Q8_0 file (see 'Known' at the top of this script)"
+  BASE_ARGS=()
+  if [ -n "${BASE:-}" ]; then
+    BASE_F32="$WORK/$(basename "$BASE")-base-f32.gguf"
+    BASE_Q8="$WORK/$(basename "$BASE")-base-q8_0.gguf"
+    "$PYTHON" "$CONVERTER" "$BASE" --outtype f32 --outfile "$BASE_F32" 2>&1 | tail -1
+    "$PYTHON" "$CONVERTER" "$BASE" --outtype q8_0 --outfile "$BASE_Q8" 2>&1 | tail -1
+    BASE_ARGS=(--base "$BASE" --base-gguf "$BASE_F32" "$BASE_Q8")
+  fi
+  JSON_ARGS=()
+  [ -n "${SPEED_JSON:-}" ] && JSON_ARGS=(--json "$SPEED_JSON")
+  "$PYTHON" "$HELPER" speed "$EXPORT" "$F32" "$Q8" --threads "$THREADS" --rounds "${ROUNDS:-5}" \
+    "${LOMIX_ARGS[@]}" "${BASE_ARGS[@]}" "${JSON_ARGS[@]}"
 fi
 echo "OK: $EXPORT runs in llama.cpp with transformers' greedy ids and logits"
