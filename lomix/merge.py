@@ -271,6 +271,13 @@ def merge_mixture(model: nn.Module, stats: RoutingStats, options: MergeOptions) 
     config = state.config
     if config.merged is not None:
         raise LomixError("this mixture is already merged; merge the mixture as trained instead")
+    if config.routing_scope != "layer":
+        # Each expert is a whole feed-forward routed once per block: its projections would have to be
+        # grouped together, which this per-layer merge does not do (each layer would group on its own).
+        raise LomixError(
+            f"mixture.routing_scope is {config.routing_scope!r}: MC-SMoE merging groups the experts of each "
+            "layer on its own, and a block-routed expert is a whole feed-forward; merge per-layer mixtures only"
+        )
     need_similarity = options.grouping == "similarity" and not options.drop
     frequencies, similarity = _statistics(model, stats, need_similarity)
     dominant = dominant_experts(frequencies, options.experts)

@@ -211,3 +211,13 @@ def test_the_projections_reading_the_block_input_run_their_frozen_gemm_once_per_
         outputs["y"].detach().double(), reference_ffn(mlp, inputs["x"].detach()), rtol=1e-5, atol=1e-6
     )
     assert mlp.gate_proj.experts.A.grad.abs().sum() > 0 and mlp.gate_proj.router.weight.grad.abs().sum() > 0
+
+
+def test_merging_a_block_routed_mixture_is_refused_with_the_reason():
+    from lomix.merge import MergeOptions, merge_mixture
+
+    model, _ = block_model()
+    with lomix.RoutingStats(model) as stats, torch.no_grad():
+        model(**_inputs())
+    with pytest.raises(lomix.LomixError, match=r"routing_scope is 'block'.*whole feed-forward"):
+        merge_mixture(model, stats, MergeOptions(experts=2))
