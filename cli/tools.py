@@ -111,7 +111,7 @@ def export(
         None, "--task", help="Route of this task (name or id from tasks.json), for task-routed mixtures."
     ),
 ) -> None:
-    """Export a mixture: one PEFT LoRA, a merged transformers checkpoint, or the lomix format.
+    """Export a mixture: one PEFT LoRA, a merged transformers checkpoint, a native MoE checkpoint, or lomix.
 
     peft and merged need a fixed route: --task T for a task-routed mixture, or a router with a fixed
     route (a global route by task description, `fixed`). moe writes a block-routed mixture (routing_scope: block,

@@ -1,4 +1,5 @@
-"""Export a run's mixture for deployment: one PEFT LoRA, a merged transformers checkpoint, or lomix.
+"""Export a run's mixture for deployment: one PEFT LoRA, a merged transformers checkpoint, a native
+mixture-of-experts checkpoint (Mixtral, Qwen3-MoE) or lomix.
 
     lomix export RUN_DIR --format peft --task date_understanding --out out/peft
     lomix export RUN_DIR --format merged --out out/merged       # a router with a fixed route
