@@ -5,7 +5,9 @@
 Trains the quickstart (SmolLM2-135M-Instruct, 6 BIG-bench tasks, E=8 experts of rank 8 on the seven
 projections, 48 steps of batch 8) once per router variant with `lomix train`, then runs
 `lomix inspect RUN --data test` for the routing statistics of the trained mixture on the test split.
-Every variant differs from the quickstart only in the overrides listed in VARIANTS. A variant whose
+Every variant differs from the quickstart only in the overrides listed in VARIANTS, or, for a variant
+in VARIANT_CONFIGS, is another recipe on the same model, data, budget and seed (quickstart_moe.yaml:
+block routing over the feed-forward projections, the form that exports as a Mixtral checkpoint). A variant whose
 run folder already holds eval.json (and report/routing.json) is not recomputed: the study resumes
 after an interruption.
 
@@ -48,7 +50,11 @@ VARIANTS: dict[str, list[str]] = {
     "topp-0.8": ["router.name=topp", "router.p=0.8", "router.max_k=4"],
     "topk+bias": ["router.bias_update_rate=1e-3", "mixture.balance.switch=0"],
     "expert-choice": ["router.name=expert_choice", "router.capacity_factor=2", "router.eval_k=2"],
+    # quickstart_moe.yaml: one router per block over LoRA'd feed-forwards (exports as Mixtral)
+    "block-topk": [],
 }
+# Variants trained from another recipe config than CONFIG (same model, data, steps, batch and seed).
+VARIANT_CONFIGS = {"block-topk": "recipes/configs/quickstart_moe.yaml"}
 
 
 def lomix(*args: str) -> None:
@@ -61,7 +67,8 @@ def train(runs: Path, name: str) -> Path:
     out = runs / name
     if not (out / "eval.json").is_file():
         before = "true" if name == "topk" else "false"  # the base model's accuracy once is enough
-        lomix("train", CONFIG, f"output_dir={out}", f"eval.before_training={before}", *VARIANTS[name])
+        config = VARIANT_CONFIGS.get(name, CONFIG)
+        lomix("train", config, f"output_dir={out}", f"eval.before_training={before}", *VARIANTS[name])
     if not (out / "report" / "routing.json").is_file():
         lomix("inspect", str(out), "--data", "test", "--out", str(out / "report"))
     return out
@@ -109,12 +116,19 @@ def summarize(run: Path) -> dict:
         "eval": layer_figures(report["layers"]),
         "train_last_window": layer_figures(last_window["routing"]),
         "overrides": VARIANTS[run.name],
+        "config": VARIANT_CONFIGS.get(run.name, CONFIG),
     }
     for base in ("eval_base.json", "eval_before.json"):  # the base model's result (older runs: eval_before)
         if (run / base).is_file():
             out["base_accuracy"] = accuracy(json.loads((run / base).read_text()))[0]
             break
     return out
+
+
+def overrides_text(result: dict) -> str:
+    config = result.get("config", CONFIG)
+    text = " ".join(result["overrides"]) or "(as shipped)"
+    return text if config == CONFIG else f"{Path(config).name} {text}"
 
 
 def table(results: dict[str, dict]) -> str:
@@ -127,7 +141,7 @@ def table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         e, t = r["eval"], r["train_last_window"]
         lines.append(
-            f"| {name} | {' '.join(r['overrides']) or '(as shipped)'} | {r['accuracy']:.3f} (+-{r['ci95']:.3f}) | "
+            f"| {name} | {overrides_text(r)} | {r['accuracy']:.3f} (+-{r['ci95']:.3f}) | "
             f"{r['accuracy'] - ref['accuracy']:+.3f} | {e['experts_per_token']:.2f} ({t['experts_per_token']:.2f}) | "
             f"{e['effective_support']:.2f} ({t['effective_support']:.2f}) | "
             f"{e['load_cv_mean']:.2f} / {e['load_cv_max']:.2f} ({t['load_cv_mean']:.2f}) |"
@@ -176,7 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         "The interval is the test-set noise of one run (normal approximation): differences smaller than it "
         "are not evidence either way.\n\n" + table(results) + "\n"
     )
-    Path(f"{args.results}.md").write_text(text)
+    md = Path(f"{args.results}.md")
+    # Sections other benchmarks appended (router_step.py's "### Training step per router") stay.
+    appended = md.read_text().partition("\n### ") if md.is_file() else ("", "", "")
+    md.write_text(text + ("\n### " + appended[2] if appended[1] else ""))
     print(text)
 
 
