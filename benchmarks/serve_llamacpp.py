@@ -287,7 +287,12 @@ def speed(args) -> dict:
             "ratio_to_reference": ratio,
             "ratio_iqr": [r1, r3],
         }
+    import importlib.metadata as metadata
+    import os
+
     result = {
+        "versions": {name: metadata.version(name) for name in ("transformers", "llama-cpp-python")},
+        "load_average": os.getloadavg(),
         "prompt_tokens": len(prompt),
         "new_tokens": n,
         "threads": args.threads,
