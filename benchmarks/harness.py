@@ -23,11 +23,13 @@ def ratio_table(
     rounds: int = 20,
     warmup: int = 3,
     baseline_of: dict[str, str] | None = None,
+    pairs: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """{name: {"median": r, "p25": r, "p75": r}} of each candidate's time over the baseline's.
 
     ``baseline_of`` gives some candidates another baseline of the same rounds (a forward-only
-    pass divided by the reference's forward-only pass, say)."""
+    pass divided by the reference's forward-only pass, say); ``pairs`` adds entries {label:
+    (numerator, denominator)}, the ratio of two candidates' times round by round (E=64 over E=8)."""
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
@@ -37,10 +39,11 @@ def ratio_table(
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    compared = {name: (name, (baseline_of or {}).get(name, baseline)) for name in times}
+    compared.update(pairs or {})
     result = {}
-    for name, values in times.items():
-        reference = times[(baseline_of or {}).get(name, baseline)]
-        ratios = sorted(v / b for v, b in zip(values, reference, strict=True))
+    for name, (numerator, denominator) in compared.items():
+        ratios = sorted(v / b for v, b in zip(times[numerator], times[denominator], strict=True))
         q = statistics.quantiles(ratios, n=4)
         result[name] = {"median": statistics.median(ratios), "p25": q[0], "p75": q[2]}
     return result

@@ -157,7 +157,13 @@ def main() -> None:
             forward = forward_pass(model, ids)
             candidates[f"{name} forward"] = forced_sorted(forward) if name.endswith("_sorted") else forward
             baseline_of[f"{name} forward"] = "peft_lora_r16 forward"
-    table = ratio_table(candidates, "peft_lora_r16", rounds=args.rounds, warmup=2, baseline_of=baseline_of)
+    # E over E=8, round by round: the cost of capacity at the same active rank (target <= 1.15 at E=64)
+    pairs = {
+        f"{name} / lomix_top2_of_8_r8": (name, "lomix_top2_of_8_r8")
+        for name in models
+        if name.startswith("lomix_") and name != "lomix_top2_of_8_r8" and "lomix_top2_of_8_r8" in models
+    }
+    table = ratio_table(candidates, "peft_lora_r16", rounds=args.rounds, warmup=2, baseline_of=baseline_of, pairs=pairs)
     params = {name: lomix.count_parameters(model).trainable for name, model in models.items()}
     print(
         f"## Whole-model training step, CPU fp32, {args.model}, batch {args.batch} x {args.length}, "
@@ -168,6 +174,8 @@ def main() -> None:
     for name in models:
         forward = table.get(f"{name} forward")
         print(f"| {name} | {params[name]:,} | {fmt(table[name])} | {fmt(forward) if forward else '-'} |")
+    for label in pairs:
+        print(f"\nstep {label}: {fmt(table[label])}")
     out = args.out or f"benchmarks/results/model_step_{args.model}_cpu.json"
     write_json(
         out,
@@ -181,6 +189,7 @@ def main() -> None:
             "trainable_params": params,
             "ratios_to_peft_lora_r16": {name: table[name] for name in models},
             "forward_ratios_to_peft_lora_r16": {name: table[f"{name} forward"] for name in models if args.forward},
+            "step_ratios_to_e8": {label: table[label] for label in pairs},
         },
     )
     print(f"\nwrote {out}")
