@@ -3,7 +3,7 @@
 #   1. the kernel tests without the interpreter (tests/test_kernel_{fused,triton,torch}.py)
 #   2. benchmarks/autotune_fused.py --quick: this GPU's tiles and E*r threshold -> $OUT/tuning_<gpu>.json,
 #      used by the stages below (copy it to lomix/kernels/tuning/ to make it the GPU's default)
-#   3. benchmarks/kernels.py: layer / base F.linear ratios (fused layer, Triton GEMM alone, cuBLAS,
+#   3. benchmarks/kernel_bench.py: layer / base F.linear ratios (fused layer, Triton GEMM alone, cuBLAS,
 #      torch and PEFT LoRA r=16, mixture kernels), T in {1,16,64,1024,8192}, three skews, fwd and fwd+bwd
 #   4. benchmarks/model_gpu.py: a Llama-shaped 1.1B model, training step and greedy decode tokens/s
 # Run from the repository root on a machine with a CUDA GPU, torch, triton, pytest, transformers
@@ -26,7 +26,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   stage autotune
   timeout "${TUNE_TIMEOUT:-120}" "$PY" benchmarks/autotune_fused.py --smoke --out "$OUT/tuning_smoke.json" 2>&1 | tail -1
   stage kernels
-  LOMIX_KERNEL_TUNING="$OUT/tuning_smoke.json" timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/kernels.py --smoke --skip-masked-sweep 2>&1 | tail -1
+  LOMIX_KERNEL_TUNING="$OUT/tuning_smoke.json" timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/kernel_bench.py --smoke --skip-masked-sweep 2>&1 | tail -1
   stage model
   timeout "${MODEL_TIMEOUT:-240}" "$PY" benchmarks/model_gpu.py --smoke 2>&1 | tail -1
   stage done
@@ -50,7 +50,7 @@ else
   echo "autotune wrote no file: the benchmarks use the defaults" | tee -a "$OUT/gpu_autotune.txt"
 fi
 stage kernels
-timeout "${BENCH_TIMEOUT:-190}" "$PY" benchmarks/kernels.py --skip-masked-sweep --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt"
+timeout "${BENCH_TIMEOUT:-190}" "$PY" benchmarks/kernel_bench.py --skip-masked-sweep --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt"
 stage model
 timeout "${MODEL_TIMEOUT:-100}" "$PY" benchmarks/model_gpu.py --out-dir "$OUT" 2>&1 | tee "$OUT/gpu_model.txt"
 stage done

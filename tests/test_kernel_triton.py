@@ -230,7 +230,7 @@ def test_gpu_benchmark_script_runs_in_smoke_mode():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_bench.py"
     result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "smoke run finished: 4 rows, notes: {}" in result.stdout

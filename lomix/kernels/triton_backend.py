@@ -282,7 +282,7 @@ def _cat_b(B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class MaskedTiles:
     """Launch settings of the masked kernels for large T (small T uses smaller row blocks).
 
-    Defaults picked by the tile sweep in benchmarks/kernels.py on an H200 at T=8192, d=4096,
+    Defaults picked by the tile sweep in benchmarks/kernel_bench.py on an H200 at T=8192, d=4096,
     E*r=128, bf16 (benchmarks/results/kernels_gpu.json holds the sweep).
     """
 

@@ -2,7 +2,7 @@
 inside the base GEMM), the Triton and torch mixture kernels, a per-expert loop, PEFT's LoRA and
 X-LoRA layers, as ratios to the frozen base F.linear (cuBLAS) of the same shape.
 
-    python benchmarks/kernels.py [--quick] [--skip-masked-sweep] [--out-dir benchmarks/results]
+    python benchmarks/kernel_bench.py [--quick] [--skip-masked-sweep] [--out-dir benchmarks/results]
 
 The fused rows time the whole layer (base GEMM, router, experts) with the router's own selection:
 their work does not depend on which experts are selected (every expert's shrink and expand runs,
