@@ -132,13 +132,15 @@ def test_fused_output_add_equals_separate_add(strategy):
     torch.testing.assert_close(grad_base, torch.ones_like(base))
 
 
-@pytest.mark.parametrize("skewed", [False, True])
-def test_sorted_grid_and_its_skew_fallback_match_the_naive_loop(skewed):
-    # 16 experts, k=2: the grid pads every expert to the largest segment. All tokens on two experts
-    # make the grid 8x the real pairs, past GRID_MAX_PADDING: the per-expert fallback runs instead.
+@pytest.mark.parametrize("skewed", [False, True, "one"])
+def test_sorted_chunk_grid_matches_the_naive_loop_under_any_skew(skewed):
+    # 16 experts, k=2: all tokens on two experts (or every pair on one expert, a repeated id) give
+    # those experts several chunks and the others none.
     x, A, B, indices, gates = random_problem(10, 12, 9, 3, 16, 2, torch.float64)
-    if skewed:
+    if skewed is True:
         indices = torch.tensor([[3, 11]] * 10)
+    elif skewed == "one":
+        indices = torch.full((10, 2), 7)
     ours = grads(mixture_lora_sorted, x, A, B, indices, gates, 0.9)
     ref = grads(naive_mixture, x, A, B, indices, gates, 0.9)
     for name, a, b in zip(("out", "dx", "dA", "dB", "dgates"), ours, ref, strict=True):
@@ -151,3 +153,20 @@ def test_strategy_rule_keeps_dense_for_few_experts_or_little_work():
     assert prefers_dense(64, 8, 576, 1536, 2, 16)
     assert not prefers_dense(64, 8, 576, 1536, 2, 4096)
     assert prefers_dense(4, 8, 576, 1536, 4, 4096)  # k == E: nothing to skip
+
+
+def test_the_chunk_grid_stays_near_the_real_pairs_under_skew():
+    from lomix.kernels.torch_backend import _expert_chunks
+
+    generator = torch.Generator().manual_seed(0)
+    for experts, tokens, k, power in [(64, 768, 2, 8), (64, 768, 2, 0), (8, 5, 2, 1), (16, 300, 4, 8), (8, 1536, 2, 0)]:
+        weights = torch.rand(experts, generator=generator) ** power  # power 8: a few experts take most pairs
+        indices = torch.multinomial(weights.expand(tokens, -1), k, generator=generator)
+        order, slot, chunk_expert, capacity = _expert_chunks(indices, experts)
+        pairs = tokens * k
+        counts = torch.bincount(indices.reshape(-1), minlength=experts)
+        # never worse than one chunk per expert padded to the largest, nor than chunks of the mean size
+        mean = -(-pairs // experts)
+        assert chunk_expert.numel() * capacity <= min(experts * int(counts.max()), pairs + experts * mean)
+        assert slot.unique().numel() == pairs  # every pair its own row
+        assert torch.equal(chunk_expert[slot // capacity], indices.reshape(-1)[order])  # in its expert's chunk

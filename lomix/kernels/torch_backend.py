@@ -6,11 +6,12 @@ e = indices[t, j]:
 - dense-masked: one shrink of every token against all experts' A at once (E*r columns), zero the
   unselected experts' slices, one expand against all B. Costs 1 + E*r*(d_in + d_out)/(d_in*d_out)
   of the base GEMM in FLOPs but runs as two large GEMMs: best while E*r is small against d.
-- sorted: (token, expert) pairs grouped by expert into segments padded to the largest, two batched
-  GEMMs over all segments. Costs about the active experts' FLOPs plus a gather of x rows and a
-  scatter-add of output rows, and the same number of ops at any E: best when E/k and the work
-  grow (`prefers_dense` has the measured rule). Heavily skewed routing falls back to one GEMM pair
-  per expert segment. Neither loops over tokens.
+- sorted: (token, expert) pairs grouped by expert into chunks (one per expert when the routing is
+  balanced, several for a busy expert when it is skewed), two batched GEMMs over all chunks. Costs
+  about the active experts' FLOPs (at most ~2x for padding, whatever the routing's skew) plus a
+  gather of x rows and a scatter-add of output rows, and the same number of ops at any E: best
+  when E/k and the work grow
+  (`prefers_dense` has the measured rule). Neither loops over tokens or experts.
 
 Neither copies a token's expert weights (the T*k*r*d gather that makes naive "vectorised" designs
 the slowest of all; PERFORMANCE.md). Both are differentiable through x, A, B and gates by autograd.
@@ -29,9 +30,6 @@ import torch
 # (T=1024 at the same shapes, or d=2048, r=16, E>=32).
 DENSE_MAX_EXPERTS_PER_ACTIVE = 4
 DENSE_MAX_MACS = 5e8
-# The sorted grid pads every expert segment to the largest; beyond this many grid rows per real
-# (token, expert) pair (one expert taking most tokens) the per-expert loop is cheaper.
-GRID_MAX_PADDING = 4
 
 
 def dense_extra_flops(num_experts: int, rank: int, d_in: int, d_out: int) -> float:
@@ -63,21 +61,44 @@ def mixture_lora_dense(
     return hidden @ expand if out is None else torch.addmm(out, hidden, expand)
 
 
-def _expert_slots(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Place each (token, slot) pair in an (E, C) grid of expert segments padded to a capacity C.
+# Chunk sizes tried by `_expert_chunks`: the largest expert's pair count divided by each of these.
+CHUNK_DIVISORS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
-    indices (T, k) -> (order (T*k,) pairs sorted by expert, slot (T*k,) grid position of each
-    sorted pair = expert * C + its rank within the expert, C = the largest expert's pair count).
+
+def _expert_chunks(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Place each (token, slot) pair in a grid of expert chunks of C rows.
+
+    Each expert's pairs fill ceil(count / C) chunks, only its last one padded. C is the largest
+    expert's count divided by the divisor in `CHUNK_DIVISORS` that gives the fewest grid rows while
+    C >= the mean count: about balanced routing keeps one chunk per expert (C = the largest count),
+    skewed routing splits a busy expert into several chunks instead of padding every other expert to
+    its size (the grid stays within ~2x the real pairs, in at most 2E chunks, whatever the skew).
+    indices (T, k) -> (order (T*k,) pairs sorted by expert, slot (T*k,) grid row of each sorted
+    pair, chunk_expert (n_chunks,) the expert of each chunk, C).
     """
     flat = indices.reshape(-1)
+    pairs = flat.numel()
     counts = torch.bincount(flat, minlength=num_experts)
+    divisors = torch.tensor(CHUNK_DIVISORS, device=flat.device)
+    sizes = (counts.max().clamp(min=1) + divisors - 1).div(divisors, rounding_mode="floor")  # candidate C
+    chunks_per = (counts.unsqueeze(0) + sizes.unsqueeze(1) - 1).div(sizes.unsqueeze(1), rounding_mode="floor")
+    grid_rows = chunks_per.sum(1) * sizes
+    # Chunks below the mean count would cut padding further but multiply the chunks, each of which
+    # copies its expert's A and B: C stays >= the mean, so there are at most 2E chunks.
+    mean = -(-pairs // num_experts)
+    grid_rows = grid_rows.masked_fill(sizes < mean, pairs * num_experts + 1)  # C = the largest count always stays
+    best = grid_rows.argmin()
+    # One host read (no device wait on the CPU): the grid's shape needs C and the chunk count.
+    capacity, total = torch.stack([sizes[best], chunks_per[best].sum()]).tolist()
+    chunks = chunks_per[best]
     order = flat.argsort(stable=True)
     expert_of_pair = flat.index_select(0, order)
-    # On the CPU reading C costs no device wait; the grid shape needs it.
-    capacity = int(counts.max()) if flat.numel() else 0
     first = counts.cumsum(0) - counts  # index of each expert's first pair in the sorted order
-    rank = torch.arange(flat.numel(), device=flat.device) - first.index_select(0, expert_of_pair)
-    return order, expert_of_pair * capacity + rank, capacity
+    rank = torch.arange(pairs, device=flat.device) - first.index_select(0, expert_of_pair)
+    first_chunk = chunks.cumsum(0) - chunks
+    chunk_expert = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), chunks, output_size=total)
+    chunk_of_pair = first_chunk.index_select(0, expert_of_pair) + rank.div(capacity, rounding_mode="floor")
+    return order, chunk_of_pair * capacity + rank % capacity, chunk_expert, capacity
 
 
 def mixture_lora_sorted(
@@ -91,59 +112,30 @@ def mixture_lora_sorted(
 ) -> torch.Tensor:
     """Sorted-segment strategy. Same shapes and ``out`` as `mixture_lora_dense`.
 
-    The pairs are grouped by expert into an (E, C, d_in) grid padded to the largest segment, so two
-    batched GEMMs serve every expert at once (no loop over experts); padding rows carry gate 0,
-    read token 0 and add exactly 0 to it. The gate scales the rank-r intermediate. When one expert
-    takes far more pairs than the mean (so the grid would be mostly padding), it falls back to one
-    GEMM pair per expert segment.
+    The pairs are grouped by expert into a grid of chunks of C rows (`_expert_chunks`: one chunk per
+    expert under balanced routing, ~2x the real pairs at most under any skew), each chunk served by
+    its expert's A and B, so two batched GEMMs serve every expert at once (no loop over experts);
+    padding rows carry gate 0, read token 0 and add exactly 0 to it. The gate scales the rank-r
+    intermediate.
     """
     tokens, k = indices.shape
     num_experts, _, d_in = A.shape
     d_out = B.shape[1]
-    order, slot, capacity = _expert_slots(indices, num_experts)
-    pairs = order.numel()
-    if num_experts * capacity > GRID_MAX_PADDING * max(pairs, 1):
-        return _mixture_lora_segments(x, A, B, indices, gates, scale, out)
+    order, slot, chunk_expert, capacity = _expert_chunks(indices, num_experts)
+    rows_total = chunk_expert.numel() * capacity
     token_of_pair = order.div(k, rounding_mode="floor")
-    token_of_slot = token_of_pair.new_zeros(num_experts * capacity).index_copy_(0, slot, token_of_pair)
+    token_of_slot = token_of_pair.new_zeros(rows_total).index_copy_(0, slot, token_of_pair)
     gate_of_pair = gates.reshape(-1).index_select(0, order).to(x.dtype) * scale
-    gate_of_slot = gate_of_pair.new_zeros(num_experts * capacity).index_copy(0, slot, gate_of_pair)
-    rows = x.index_select(0, token_of_slot).view(num_experts, capacity, d_in)
-    hidden = torch.bmm(rows, A.transpose(1, 2)) * gate_of_slot.view(num_experts, capacity, 1)
-    expanded = torch.bmm(hidden, B.transpose(1, 2)).view(num_experts * capacity, d_out)
+    gate_of_slot = gate_of_pair.new_zeros(rows_total).index_copy(0, slot, gate_of_pair)
+    chunks = chunk_expert.numel()
+    rows = x.index_select(0, token_of_slot).view(chunks, capacity, d_in)
+    a_chunks = A.index_select(0, chunk_expert)  # (chunks, r, d_in): E of them unless the routing is skewed
+    b_chunks = B.index_select(0, chunk_expert)  # (chunks, d_out, r)
+    hidden = torch.bmm(rows, a_chunks.transpose(1, 2)) * gate_of_slot.view(chunks, capacity, 1)
+    expanded = torch.bmm(hidden, b_chunks.transpose(1, 2)).view(rows_total, d_out)
     if out is None:
         out = x.new_zeros(tokens, d_out)
     return out.index_add(0, token_of_slot, expanded)
-
-
-def _mixture_lora_segments(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    indices: torch.Tensor,
-    gates: torch.Tensor,
-    scale: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`mixture_lora_sorted` without padding: one GEMM pair per expert segment (skewed routing)."""
-    tokens, k = indices.shape
-    num_experts = A.shape[0]
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    token_of_pair = order.div(k, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    gate_of_pair = gates.reshape(-1).index_select(0, order).to(x.dtype) * scale
-    rows = x.index_select(0, token_of_pair).split(counts)
-    outputs = []
-    for expert, segment in enumerate(rows):
-        if segment.shape[0]:
-            outputs.append((segment @ A[expert].t()) @ B[expert].t())
-    # No tokens (an empty batch): an empty (0, d_out) product keeps the graph to x, A and B.
-    pairs = torch.cat(outputs) if outputs else (x[:0] @ A[0].t()) @ B[0].t()
-    pairs_out = pairs * gate_of_pair.unsqueeze(-1)
-    if out is None:
-        out = x.new_zeros(tokens, B.shape[1])
-    return out.index_add(0, token_of_pair, pairs_out)
 
 
 def prefers_dense(num_experts: int, rank: int, d_in: int, d_out: int, k: int, tokens: int) -> bool:
