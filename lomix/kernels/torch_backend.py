@@ -23,13 +23,14 @@ import torch
 
 # The dense-masked strategy runs every expert: it costs E/k times the active experts' FLOPs but
 # only two GEMMs. The sorted grid costs about the active FLOPs (times the padding) plus a gather of
-# x rows, a scatter-add of output rows and ~10 more small ops. Measured with
-# benchmarks/layer_overhead.py on 2 CPU cores: dense wins while E <= 4k at every T; beyond that it
-# still wins while its whole work is small (T=256 tokens of SmolLM2's 576 -> 1536 layers at E=64,
-# r=8: ~2.8e8 multiply-adds), where the grid's fixed op cost dominates; sorted wins from ~1e9
-# (T=1024 at the same shapes, or d=2048, r=16, E>=32).
+# x rows, a scatter-add of output rows and ~15 more small ops. Measured with
+# benchmarks/layer_overhead.py on 2 CPU cores: dense wins while E <= 4k at every T. Beyond that,
+# with the chunk grid, sorted already wins a whole training step at 256 tokens and E=64 on a
+# config Llama (d=512, ~2.5e8 dense multiply-adds in its 512 -> 1376 layers: step / PEFT LoRA 2.75
+# sorted vs 3.05 dense, benchmarks/results/model_step_llama-config_experts_cpu.json); dense keeps
+# only small work (a few dozen tokens), where the grid's fixed op cost dominates.
 DENSE_MAX_EXPERTS_PER_ACTIVE = 4
-DENSE_MAX_MACS = 5e8
+DENSE_MAX_MACS = 1e8
 
 
 def dense_extra_flops(num_experts: int, rank: int, d_in: int, d_out: int) -> float:
