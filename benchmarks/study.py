@@ -52,10 +52,11 @@ Each section below is one study of `benchmarks/study.py`, run over several train
 test set. Accuracy is multiple-choice accuracy by choice log-likelihood; every interval is a 95%
 bootstrap interval over test examples and seeds (two levels), and the paired column is the difference
 to the study's baseline on the same examples and seeds, with its own interval (in `multitask` the
-baseline is one PEFT LoRA of the mixtures' active rank; each section names its own). MDE (minimum detectable effect) is the smallest true difference the study would detect
-(two-sided 5% test, 80% power): a difference inside its interval or below the MDE is not evidence
-either way. Each section names its command, machine, versions, seeds and wall time, and is generated
-from the JSON file of the same name in benchmarks/results/ (a test checks that they agree).
+baseline is one PEFT LoRA of the mixtures' active rank; each section names its own). MDE (minimum
+detectable effect) is the smallest true difference the study would detect (two-sided 5% test, 80%
+power): a difference whose interval holds 0, or one below the MDE, is not evidence either way.
+Each section names its command, machine, versions, seeds and wall time, and is generated from the
+JSON file of the same name in benchmarks/results/ (a test checks that they agree).
 """
 
 # ----------------------------------------------------------------------------------------------
@@ -561,10 +562,12 @@ STUDIES = {
         methods=tuple(compare.METHODS),
         scales={
             "smoke": Mode(("color/hex", "date_understanding", "intent_recognition"), 4, 2, 8, 2, 96, rounds=0),
-            # cpu, estimated from the smoke timings (docstring of benchmarks/gpu_study.sh and docs/results.md):
-            # ~4 s per step of 4 (remix ~3x, X-LoRA ~2x), ~0.4 s per test example, ~1 min of model loading per
-            # cell: 8 methods x 3 seeds x ~6 min = ~2.5 h
-            "cpu": Mode(MULTITASK_TASKS, 40, 4, 300, 20, 128, rounds=0),
+            # cpu (estimate, idle 2 cores): a step of 4 at length 128 on all seven projections ~4 s (compare.py
+            # --quick: 8 methods x 16 steps in 19.5 min); per seed in step-equivalents of 32 steps: LoRA 32, Poly 32,
+            # X-LoRA 16 + 16 x 1.9, top-k 32 x 1.2, MHR 32 x 1.3, ReMix 32 x 4.2, LoRA-Mixer 32, GLIDER 32 + its
+            # 12 expert runs' loading = ~420 x 4 s = 28 min; evaluation 8 x 240 examples x ~0.6 s = 19 min;
+            # model loading ~4 min: ~51 min per seed, 3 seeds = ~2.5 h
+            "cpu": Mode(MULTITASK_TASKS, 32, 4, 300, 20, 128, rounds=0),
             "gpu": Mode(MULTITASK_TASKS, 100, 8, 300, 20, 192, rounds=0),  # gpu_study.sh
         },
     ),

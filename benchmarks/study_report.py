@@ -78,10 +78,13 @@ def correctness(cells: list[dict], ids: list[str] | None = None) -> tuple[np.nda
     return np.asarray(rows, dtype=np.float64), list(order), [c["seed"] for c in cells]
 
 
-def summarise(cells: list[dict], baseline: str | dict[str, str], resamples: int = RESAMPLES) -> dict:
+def summarise(
+    cells: list[dict], baseline: str | dict[str, str], resamples: int = RESAMPLES, per_task: bool = True
+) -> dict:
     """Per method: overall and per-task accuracy with intervals and, when its baseline ran, the
     paired difference to it (only on the seeds both ran) with its interval and MDE. ``baseline``
-    names one method, or maps each method to its own (a few-shot method to LoRA at the same shots)."""
+    names one method, or maps each method to its own (a few-shot method to LoRA at the same shots).
+    ``per_task=False`` leaves the per-task intervals out (a quick check of the headline numbers)."""
     by_method: dict[str, list[dict]] = {}
     for cell in cells:
         by_method.setdefault(cell["method"], []).append(cell)
@@ -89,7 +92,7 @@ def summarise(cells: list[dict], baseline: str | dict[str, str], resamples: int 
     ids = None
     if per_example:
         ids = sorted({i for c in cells for i in c["per_example"]["ids"]}, key=_id_order)
-    tasks = sorted({t for c in cells for t in c["tasks"]})
+    tasks = sorted({t for c in cells for t in c["tasks"]}) if per_task else []
     methods = {}
     for method, group in by_method.items():
         entry: dict = {"seeds": sorted(c["seed"] for c in group)}
