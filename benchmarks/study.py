@@ -707,6 +707,21 @@ def run_cells(
     return cells
 
 
+def check_same_budget(cells: list[dict], folder: Path) -> None:
+    """Refuse a report over cells trained under different settings (a study definition changed
+    between sittings): their differences would not be the methods'."""
+    budgets: dict[str, list[str]] = {}
+    for cell in cells:
+        settings = {k: v for k, v in cell.get("settings", {}).items() if k != "seed"}
+        budgets.setdefault(json.dumps(settings, sort_keys=True), []).append(f"{cell['method']}__s{cell['seed']}")
+    if len(budgets) > 1:
+        groups = "; ".join(", ".join(names) for names in budgets.values())
+        raise SystemExit(
+            f"{folder}/cells: cells trained with different settings ({groups}); delete the stale cell files "
+            "or choose another --out"
+        )
+
+
 def device_name() -> str:
     """The device the cells trained on (compare.device(): the GPU when there is one)."""
     return torch.cuda.get_device_name() if compare.device().type == "cuda" else "cpu"
@@ -910,6 +925,7 @@ def main(argv: list[str] | None = None) -> dict:
         cells = run_cells(folder, methods, seeds, study_cell(study, args.scale), keep_runs=args.keep_runs)
     if not cells:
         raise SystemExit(f"study {study.name}: no finished cells in {folder}")
+    check_same_budget(cells, folder)
     results = report(
         study, args.scale, cells, command, device_name(), Path(args.results), Path(args.doc) if args.doc else None
     )

@@ -275,3 +275,17 @@ def test_routing_curves_probe_on_schedule_and_match_direct_statistics():
     assert result["min"]["effective_support"][-1] == pytest.approx(min(supports), abs=1e-4)
     assert result["mean"]["effective_support"][-1] == pytest.approx(sum(supports) / 4, abs=1e-4)
     assert 1.0 <= min(supports) and max(supports) <= 2.0 + 1e-6  # top-2 gates
+
+
+def test_a_report_over_cells_of_different_budgets_is_refused(tmp_path):
+    import study
+
+    same = {"tasks": ["a"], "steps": 8, "seed": 0}
+    cells = [
+        {"method": "a", "seed": 0, "settings": same},
+        {"method": "a", "seed": 1, "settings": same | {"seed": 1}},
+    ]
+    study.check_same_budget(cells, tmp_path)  # seeds differ by design
+    cells.append({"method": "b", "seed": 0, "settings": same | {"steps": 16}})
+    with pytest.raises(SystemExit, match=r"different settings.*b__s0"):
+        study.check_same_budget(cells, tmp_path)
