@@ -438,6 +438,12 @@ def library_cell(study: Study, mode: Mode, method: str, scale: str, data, scratc
     """One expert per GLIDER task (recipes/configs/glider_expert.yaml, mode.steps steps each) with
     its PHATGOOSE gates (shared per seed), then the library routed by GLIDER at one alpha or by
     Arrow, over all experts (held-in) or without the query task's own expert (held-out)."""
+    result = library_evaluation(mode, method, data, shared_folder(scratch) / f"library-s{mode.seed}")
+    return result | {"balance_reduction": data.cfg.mixture.balance.reduction}
+
+
+def library_evaluation(mode: Mode, method: str, data, shared: Path) -> dict:
+    """`library_cell`'s evaluation of one router setting over the seed's library in ``shared``."""
     from glider_bigbench import TASKS, train_experts
 
     import lomix
@@ -445,7 +451,6 @@ def library_cell(study: Study, mode: Mode, method: str, scale: str, data, scratc
     from lomix.methods.glider.library import Library, load_library, set_glider
     from lomix.methods.glider.recipe import add_run, expert_name
 
-    shared = shared_folder(scratch) / f"library-s{mode.seed}"
     settings = argparse.Namespace(
         train_per_task=mode.train_per_task, test_per_task=mode.test_per_task, max_length=mode.max_length,
         expert_steps=mode.steps, batch_size=mode.batch, expert_lr=1e-3, seed=mode.seed,
@@ -531,7 +536,8 @@ def merge_cell(study: Study, mode: Mode, method: str, scale: str, data, scratch:
     eval_cfg = dataclasses.replace(student.cfg.eval, max_examples_per_task=mode.test_per_task)
     test = run_examples(student, "test", mode.test_per_task)
     result = compare.evaluate_examples(student.model, student.formatter, test, student.tasks, eval_cfg)
-    return result | {"merge": {k: report[k] for k in ("experts_after", "bytes_before", "bytes_after")}}
+    merge = {k: report[k] for k in ("experts_after", "bytes_before", "bytes_after")}
+    return result | {"merge": merge, "balance_reduction": student.cfg.mixture.balance.reduction}
 
 
 STUDIES = {
