@@ -74,6 +74,8 @@ TASK_DESCRIPTIONS = {
         "sports_understanding",
     )
 }  # the quickstart's six tasks
+# every task a comparison may train on, with the description GLIDER's global router embeds
+DESCRIPTIONS = dict(GLIDER_TASKS)
 METHODS = [
     "peft-lora",
     "peft-poly",
@@ -100,6 +102,8 @@ class Mode:
     warmup: int = 2
     rank: int = 8
     k: int = 2
+    seed: int = 0  # training seed (init and sampler); the test split has its own (data.bigbench.split_seed)
+    extra: tuple[str, ...] = ()  # config overrides of every lomix run (benchmarks/study.py's studies)
 
 
 MODES = {
@@ -141,7 +145,7 @@ MODES = {
 
 def overrides(mode: Mode, out: Path, steps: int, *extra: str, tasks: tuple[str, ...] | None = None) -> list[str]:
     tasks = tasks or mode.tasks
-    descriptions = {t: TASK_DESCRIPTIONS[t] for t in tasks}
+    descriptions = {t: DESCRIPTIONS[t] for t in tasks}
     return [
         f"data.bigbench.tasks=[{', '.join(tasks)}]",
         f"data.bigbench.train_per_task={mode.train_per_task}",
@@ -160,6 +164,8 @@ def overrides(mode: Mode, out: Path, steps: int, *extra: str, tasks: tuple[str, 
         "eval.before_training=false",
         f"eval.max_examples_per_task={mode.test_per_task}",
         f"output_dir={out}",
+        f"seed={mode.seed}",
+        *mode.extra,
         *extra,
     ]
 
@@ -250,11 +256,17 @@ def prepare_data(cfg) -> Data:
     return Data(cfg, tokenizer, formatter, tasks, tokenize(train, formatter, tasks), test)
 
 
+def device() -> torch.device:
+    """Where the PEFT models train and every model here evaluates: the GPU when there is one, as
+    the lomix recipes' runs (accelerate) train there."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def base_model(data: Data) -> torch.nn.Module:
     from lomix.recipes.assets import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(data.cfg.model)
-    return model
+    return model.to(device())
 
 
 def loader(data: Data, steps: int):
@@ -302,6 +314,7 @@ def train_peft(model: torch.nn.Module, data: Data, steps: int, groups: list[dict
     losses = []
     model.train()
     for batch in loader(data, steps):
+        batch = {k: v.to(device()) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss = answer_loss_sum(*forward(model, batch)) / max(answer_tokens(batch), 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
@@ -353,10 +366,32 @@ class Probe:
 
 
 def evaluate(model: torch.nn.Module, data: Data, whole_sequences: bool = False) -> dict:
-    from lomix.recipes.evaluation import evaluate_model
-
+    """The recipes' evaluation of ``data``'s test set; see `evaluate_examples`."""
     eval_cfg = dataclasses.replace(data.cfg.eval, reuse_prompt_cache=not whole_sequences)
-    return evaluate_model(model, data.formatter, data.test, data.tasks, eval_cfg, None, False)
+    return evaluate_examples(model, data.formatter, data.test, data.tasks, eval_cfg)
+
+
+def evaluate_examples(model: torch.nn.Module, formatter, examples: list, tasks, eval_cfg) -> dict:
+    """The recipes' evaluation (``evaluate_model``'s summary) plus ``per_example``: the test examples'
+    ids ("task/i", the i-th selected example of the task, a fixed order) and their 0/1 correctness,
+    so two methods or seeds can be paired example by example."""
+    from lomix.recipes.evaluation import predict, select_examples, summarise
+
+    examples = select_examples([e for e in examples if not e.is_text], eval_cfg)
+    was_training = model.training
+    model.eval()
+    try:
+        records = predict(model, formatter, examples, tasks, eval_cfg)
+    finally:
+        model.train(was_training)
+    result = summarise(records, eval_cfg)
+    seen: dict[str, int] = {}
+    ids = []
+    for record in records:
+        ids.append(f"{record['task']}/{seen.get(record['task'], 0)}")
+        seen[record["task"]] = seen.get(record["task"], 0) + 1
+    correct = [int(r["prediction"] == r["reference"]) for r in records]
+    return result | {"per_example": {"ids": ids, "correct": correct}}
 
 
 def optimizer_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor], lr: float = 1e-3):
