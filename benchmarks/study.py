@@ -403,6 +403,8 @@ def fewshot_cell(study: Study, mode: Mode, method: str, scale: str, data, scratc
             *MULTITASK[source],
             *common,
             f"train.max_steps={mode.steps}",
+            f"train.warmup_steps={max(1, mode.steps // 10)}",
+            f"train.log_every={mode.steps}",
             f"data.bigbench.train_per_task={mode.train_per_task}",
         ],
         shared_folder(scratch) / f"multitask-{source}-s{mode.seed}",
