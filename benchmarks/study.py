@@ -5,10 +5,16 @@
     python benchmarks/study.py multitask --scale cpu --seeds 3           # ~2.5 h on 2 CPU cores
     python benchmarks/study.py multitask --scale gpu --seeds 3           # on a CUDA machine (used when present)
     python benchmarks/study.py multitask --scale cpu --seeds 3 --report  # the report of the finished cells only
+    python benchmarks/study.py multitask --check-tasks 12                # the base model on candidate tasks
+
+Studies: collapse (softmax top-k vs ReMix routing over training), multitask (every method vs PEFT
+LoRA), fewshot (benchmarks/mhr_fewshot.py), library (benchmarks/glider_bigbench.py), merge
+(benchmarks/merge_quality.py); benchmarks/gpu_study.sh runs all five on a GPU.
 
 A study is a declarative `Study` (tasks, steps, batch, methods and their overrides, per scale a
-`compare.Mode`); its methods are those of benchmarks/compare.py, run by compare.py's own builders
-under the same data, sampler, warm-up, clipping and optimizer steps. One CELL = (method, seed): the
+`compare.Mode`); multitask's and collapse's methods are those of benchmarks/compare.py, run by its
+own builders under the same data, sampler, warm-up, clipping and optimizer steps; fewshot, library
+and merge start every cell of a seed from that seed's shared source runs. One CELL = (method, seed): the
 seed sets the training seed (initialisation and sampler); the data split and the test set come
 from ``data.bigbench.split_seed`` (fixed), so every cell is scored on the same test examples.
 
@@ -18,7 +24,7 @@ balance-loss reduction); a rerun skips finished cells, so a study can span sever
 interrupted cell leaves nothing but its scratch run folder, which the next attempt deletes.
 
 The report (benchmarks/study_report.py: two-level bootstrap intervals over test examples and seeds,
-paired differences to peft-lora, minimum detectable effect) goes to
+paired differences to the study's baseline, minimum detectable effect) goes to
 benchmarks/results/study_<study>_<scale>.{json,md,png} and to the study's section of docs/results.md.
 """
 
@@ -403,6 +409,8 @@ def fewshot_cell(study: Study, mode: Mode, method: str, scale: str, data, scratc
             *MULTITASK[source],
             *common,
             f"train.max_steps={mode.steps}",
+            f"train.warmup_steps={max(1, mode.steps // 10)}",
+            f"train.log_every={mode.steps}",
             f"data.bigbench.train_per_task={mode.train_per_task}",
         ],
         shared_folder(scratch) / f"multitask-{source}-s{mode.seed}",
