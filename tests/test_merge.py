@@ -113,7 +113,7 @@ def test_merging_to_as_many_experts_as_there_are_is_the_identity(tmp_path):
     assert all(layer.groups == [[0], [1], [2], [3]] for layer in report.layers.values())
     assert report.bytes_after == report.bytes_before
     # Same function, not the same kernel: the unmerged layers evaluate through the one-GEMM inference
-    # path (gates as a masked softmax of the top-k logits, the scale folded into the expand matrix),
+    # path (gates as the softmax of the top-k logits, the scale folded into the expand matrix),
     # a merged bank through the router and the generic kernel, so the two agree to float rounding.
     for batch, logits in zip(batches, expected, strict=True):
         torch.testing.assert_close(_logits(model, batch), logits, rtol=1e-6, atol=1e-6)

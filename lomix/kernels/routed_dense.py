@@ -104,19 +104,21 @@ def _cached_factors(layer: nn.Module, rule: SoftmaxTopK) -> _FactorCache:
     return cache
 
 
-def _gate_matrix(logits: torch.Tensor, rule: SoftmaxTopK) -> torch.Tensor:
-    """(T, E) float32: each token's gate on every expert, zero outside its top-k.
-
-    Renormalised top-k gates are the softmax of the k largest logits (the softmax's denominator
-    cancels), so the full softmax, the sum and the division are one masked softmax: -inf outside
-    the top-k, whose exponential is exactly 0."""
+def _topk_gates(logits: torch.Tensor, rule: SoftmaxTopK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gates (T, k) float32, indices (T, k)) of the router's softmax top-k rule, without the routing
+    object. Renormalised top-k gates are the softmax of the k largest logits (the full softmax's
+    denominator cancels), so the full softmax, the sum and the division are not needed."""
     logits = logits.float()
     if rule.renormalize:
         top, indices = logits.topk(rule.k, dim=-1)
-        return torch.full_like(logits, float("-inf")).scatter_(1, indices, top).softmax(dim=-1)
-    probs = logits.softmax(dim=-1)
-    top, indices = probs.topk(rule.k, dim=-1)
-    return torch.zeros_like(probs).scatter_(1, indices, top)
+        return top.softmax(dim=-1), indices
+    return logits.softmax(dim=-1).topk(rule.k, dim=-1)
+
+
+def _gate_matrix(logits: torch.Tensor, rule: SoftmaxTopK) -> torch.Tensor:
+    """(T, E) float32: each token's gate on every expert, zero outside its top-k (`_topk_gates`)."""
+    gates, indices = _topk_gates(logits, rule)
+    return torch.zeros_like(logits, dtype=gates.dtype).scatter_(1, indices, gates)
 
 
 def softmax_topk_dense_inference(
@@ -152,12 +154,7 @@ def _selected_experts_inference(
     A = layer.experts.A
     num_experts, rank, d_in = A.shape
     tokens, k = flat.shape[0], rule.k
-    logits = torch.mm(flat, cache.stacked_t[:, :num_experts]).float()
-    if rule.renormalize:
-        top, indices = logits.topk(k, dim=-1)
-        gates = top.softmax(dim=-1)  # the renormalised top-k gates (see `_gate_matrix`)
-    else:
-        gates, indices = logits.softmax(dim=-1).topk(k, dim=-1)
+    gates, indices = _topk_gates(torch.mm(flat, cache.stacked_t[:, :num_experts]), rule)
     chosen = indices.reshape(-1)
     a_rows = A.index_select(0, chosen).view(tokens, k * rank, d_in)
     b_rows = cache.expand.view(num_experts, rank, -1).index_select(0, chosen).view(tokens, k * rank, -1)
