@@ -18,6 +18,7 @@ from .errors import RoutingError, UnsupportedModuleError
 from .experts import ExpertBank
 from .kernels import mixture_lora, mixture_lora_mixed, resolve_backend
 from .kernels.fused import fused_layer_forward
+from .kernels.inference_plan import InferencePlan
 from .kernels.routed_dense import softmax_topk_dense_forward, softmax_topk_dense_inference, softmax_topk_dense_rule
 from .layout import SparseResidual, residual_size
 from .losses import router_z_loss, switch_load_balancing_loss
@@ -137,9 +138,22 @@ class MixtureLinear(nn.Module):
         # the tensors' version counters, which writes through `.data` or a flat buffer (DeepSpeed's
         # optimizer) do not bump: every train()/eval() switch, as around an evaluation, drops them.
         self.__dict__.pop("_routed_dense_cache", None)
+        self.__dict__.pop("_inference_plan", None)
         return super().train(mode)
 
+    def __getstate__(self) -> dict:
+        # Inference caches and plans are rebuilt on demand; a pickled or deep-copied layer (a copy of
+        # the model) starts without them rather than sharing the original's sibling groups.
+        state = super().__getstate__()
+        return {key: value for key, value in state.items() if key not in ("_routed_dense_cache", "_inference_plan")}
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        plan = self.__dict__.get("_inference_plan")
+        if plan is not None and not (args or kwargs) and not torch.is_grad_enabled():
+            result = plan(x)  # the path an earlier call chose, re-verified (see InferencePlan)
+            if result is not None:
+                return result
+            del self.__dict__["_inference_plan"]  # decide again below
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
         backend = resolve_backend(self.kernel, x.device)  # once per call: every path below needs it
@@ -163,6 +177,7 @@ class MixtureLinear(nn.Module):
                 # Evaluation / generation that keeps no routing: nothing to record, no loss to add.
                 if self.aux_losses or self.last_routing is not None:  # (module attribute writes are slow)
                     self.aux_losses, self.last_routing = {}, None
+                self.__dict__["_inference_plan"] = InferencePlan(self, x)  # the next call skips these checks
                 return softmax_topk_dense_inference(self, x, out, rule)
             result, routing = softmax_topk_dense_forward(self, x, out, rule)
             self._record(routing, context)

@@ -156,6 +156,14 @@ class ContextHolder:
     def __init__(self) -> None:
         self._local = threading.local()
 
+    # A copy of the model (copy.deepcopy, pickling: TRL's reference model, an EMA copy) gets a holder of
+    # its own, shared by the copy's layers, with no context: contexts belong to calls, not to models.
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()
+
     def get(self) -> RoutingContext:
         current = getattr(self._local, "current", EMPTY_CONTEXT)
         pinned = getattr(self._local, "pinned", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -410,3 +411,17 @@ def test_a_mixture_saved_from_wrapped_layers_has_the_plain_models_keys(llama_cas
     assert wrapped.keys() == plain.keys()
     for key in plain:
         assert torch.equal(wrapped[key], plain[key]), key
+
+
+def test_a_deep_copy_of_a_wrapped_model_computes_the_same_and_routes_on_its_own(llama_case):
+    # TRL's reference model and EMA copies deep-copy the model: the copy gets its own routing context.
+    model, _ = build_pair(llama_case)
+    lomix.inject(model, mixture_config(llama_case))
+    randomize_experts(model)
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(input_ids=ids).logits, expected, rtol=0, atol=0)
+    holders = {id(layer._context) for _, layer in lomix.mixture_layers(twin)}
+    assert len(holders) == 1 and holders != {id(layer._context) for _, layer in lomix.mixture_layers(model)}

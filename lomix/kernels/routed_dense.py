@@ -12,6 +12,8 @@ Without autograd (evaluation, generation) the stacked router+shrink matrix and t
 are kept between calls and rebuilt only when a weight changes (a tensor's version counter moves
 with every in-place update: an optimizer step, ``load_state_dict``, merging), and an evaluation
 that keeps no routing (`softmax_topk_dense_inference`) computes the gates with the fewest ops.
+A layer that took that path keeps a `lomix.kernels.inference_plan.InferencePlan` (the outcome of
+the checks that chose it, and the sibling layers that read the same input).
 
 `MixtureLinear` takes this path only when `softmax_topk_dense_rule` says so: the router declares a
 softmax top-k rule (`Router.softmax_topk_rule`), the torch backend runs, the dense strategy is the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ..routing import TokenRouting
 from .fused import SoftmaxTopK
@@ -52,8 +55,6 @@ def softmax_topk_dense_rule(layer: nn.Module, x: torch.Tensor, backend: str) -> 
 
 def router_has_hooks(router: nn.Module) -> bool:
     """Whether calling ``router`` would run forward hooks (its own or global ones)."""
-    from torch.nn.modules import module as torch_module
-
     return bool(
         router._forward_hooks
         or router._forward_pre_hooks
@@ -88,9 +89,10 @@ def _needs_graph(layer: nn.Module, rule: SoftmaxTopK) -> bool:
     return torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or weight.requires_grad)
 
 
-def _cached_factors(layer: nn.Module, rule: SoftmaxTopK) -> _FactorCache:
-    """The layer's inference cache, rebuilt when a weight or the scale changed (see `_FactorCache`)."""
-    A, B, weight = layer.experts.A, layer.experts.B, rule.weight
+def cached_factors(layer: nn.Module, rule: SoftmaxTopK, A: torch.Tensor, B: torch.Tensor) -> _FactorCache:
+    """The layer's inference cache, rebuilt when a weight or the scale changed (see `_FactorCache`).
+    A (E, r, d_in) and B (E, d_out, r): the layer's expert factors, as the caller read them."""
+    weight = rule.weight
     cache = layer.__dict__.get("_routed_dense_cache")
     if cache is None:
         cache = layer.__dict__["_routed_dense_cache"] = _FactorCache()
@@ -116,9 +118,25 @@ def _topk_gates(logits: torch.Tensor, rule: SoftmaxTopK) -> tuple[torch.Tensor, 
 
 
 def _gate_matrix(logits: torch.Tensor, rule: SoftmaxTopK) -> torch.Tensor:
-    """(T, E) float32: each token's gate on every expert, zero outside its top-k (`_topk_gates`)."""
+    """(..., E) float32: each token's gate on every expert, zero outside its top-k (`_topk_gates`)."""
     gates, indices = _topk_gates(logits, rule)
-    return torch.zeros_like(logits, dtype=gates.dtype).scatter_(1, indices, gates)
+    return torch.zeros_like(logits, dtype=gates.dtype).scatter_(-1, indices, gates)
+
+
+def gated_hidden(
+    flat: torch.Tensor, stacked_t: torch.Tensor, layers: int, rank: int, rule: SoftmaxTopK
+) -> torch.Tensor:
+    """(T, L, E*r): the gated rank-(E*r) intermediate of L layers that read the same input, from ONE
+    GEMM of flat (T, d_in) against stacked_t (d_in, L*E + L*E*r) = [W_r of each layer; A_1..A_E of
+    each layer]^T (L = 1: `_FactorCache.stacked_t`). Each layer's slice, times its scaled expand
+    matrix, is its routed delta."""
+    tokens = flat.shape[0]
+    num_experts = (stacked_t.shape[1] // layers) // (1 + rank)
+    projected = torch.mm(flat, stacked_t)  # (T, L*E + L*E*r): the routers' logits, then every shrink
+    logits = projected[:, : layers * num_experts].view(tokens, layers, num_experts)
+    gates = _gate_matrix(logits, rule).to(flat.dtype)
+    hidden = projected[:, layers * num_experts :].view(tokens, layers, num_experts, rank) * gates.unsqueeze(-1)
+    return hidden.view(tokens, layers, num_experts * rank)
 
 
 def softmax_topk_dense_inference(
@@ -131,27 +149,31 @@ def softmax_topk_dense_inference(
     one GEMM against the cached [W_r; A_1..A_E]^T, the gate matrix from the first E columns
     (`_gate_matrix`), the gated rank-(E*r) intermediate expanded into ``out`` by one addmm against
     the cached, scaled expand matrix. With many experts and few tokens (T*k < E and E > 4k) only the
-    selected experts' factors are read instead (`_selected_experts_inference`)."""
-    num_experts, rank, d_in = layer.experts.A.shape
+    selected experts' factors are read instead (`selected_experts_inference`)."""
+    experts = layer.experts._parameters
+    A, B = experts["A"], experts["B"]
+    num_experts, rank, d_in = A.shape
     flat = x.reshape(-1, d_in)
     tokens = flat.shape[0]
-    cache = _cached_factors(layer, rule)
+    cache = cached_factors(layer, rule, A, B)
     out2d = out.reshape(tokens, -1)
-    if tokens * rule.k < num_experts and num_experts > DENSE_MAX_EXPERTS_PER_ACTIVE * rule.k:
-        return _selected_experts_inference(layer, flat, out2d, rule, cache).view(out.shape)
-    projected = torch.mm(flat, cache.stacked_t)  # (T, E + E*r): router logits, then every expert's shrink
-    gates = _gate_matrix(projected[:, :num_experts], rule).to(flat.dtype)
-    hidden = projected[:, num_experts:].view(tokens, num_experts, rank) * gates.unsqueeze(-1)
-    return torch.addmm(out2d, hidden.view(tokens, num_experts * rank), cache.expand).view(out.shape)
+    if reads_selected_experts(num_experts, rule.k, tokens):
+        return selected_experts_inference(A, flat, out2d, rule, cache).view(out.shape)
+    hidden = gated_hidden(flat, cache.stacked_t, 1, rank, rule)[:, 0]
+    return torch.addmm(out2d, hidden, cache.expand).view(out.shape)
 
 
-def _selected_experts_inference(
-    layer: nn.Module, flat: torch.Tensor, out2d: torch.Tensor, rule: SoftmaxTopK, cache: _FactorCache
+def reads_selected_experts(num_experts: int, k: int, tokens: int) -> bool:
+    """Whether an inference call reads only the selected experts' factors (few tokens, many experts)."""
+    return tokens * k < num_experts and num_experts > DENSE_MAX_EXPERTS_PER_ACTIVE * k
+
+
+def selected_experts_inference(
+    A: torch.Tensor, flat: torch.Tensor, out2d: torch.Tensor, rule: SoftmaxTopK, cache: _FactorCache
 ) -> torch.Tensor:
     """A few tokens over many experts (a decode step, E > 4k): the router first, then only the k
     selected experts' A and B (T*k*r rows each) are gathered, so the adapter reads the bytes of one
-    LoRA of rank k*r instead of all E experts'. flat (T, d_in), out2d (T, d_out) -> (T, d_out)."""
-    A = layer.experts.A
+    LoRA of rank k*r instead of all E experts'. A (E, r, d_in), flat (T, d_in), out2d (T, d_out) -> (T, d_out)."""
     num_experts, rank, d_in = A.shape
     tokens, k = flat.shape[0], rule.k
     gates, indices = _topk_gates(torch.mm(flat, cache.stacked_t[:, :num_experts]), rule)
@@ -180,7 +202,7 @@ def softmax_topk_dense_forward(
         projected = flat @ stacked.t()  # (T, E + E*r): router logits, then every expert's shrink
         scale = layer.scale
     else:
-        cache = _cached_factors(layer, rule)
+        cache = cached_factors(layer, rule, A, layer.experts.B)
         projected, expand, scale = torch.mm(flat, cache.stacked_t), cache.expand, 1.0  # scale is in expand
     logits, hidden = projected.split([num_experts, num_experts * rank], dim=1)
     logits = logits.float()  # the router's logits are float32 (a no-op for float32 inputs)
