@@ -306,9 +306,11 @@ def train_peft(model: torch.nn.Module, data: Data, steps: int, groups: list[dict
     """The finetune recipe's loop for a PEFT model: summed answer-token loss over answer tokens,
     AdamW, linear warm-up and decay, gradient clipping. Returns the per-step losses."""
     from lomix.recipes.finetune import answer_loss_sum, answer_tokens, forward, lr_factor
+    from lomix.recipes.quantization import fusable
 
     train = dataclasses.replace(data.cfg.train, max_steps=steps, warmup_steps=max(1, math.ceil(steps / 10)))
-    optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+    # the recipe's optimizer (recipes/quantization.build_optimizer): the same kernel for every method
+    optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay, fused=fusable(groups))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train))
     params = [p for group in groups for p in group["params"]]
     losses = []

@@ -98,10 +98,22 @@ def quiet_int8_cast_warning() -> None:
         logger.addFilter(_DropInt8CastWarning())
 
 
+def fusable(groups: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused AdamW kernel takes every parameter: floating point on the CPU or a GPU."""
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
+
+
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
     """``train.optimizer`` over the parameter groups of `lomix.parameter_groups` (their lr, weight decay)."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups)
+        # One vectorised kernel per step (fused) instead of torch's default on the CPU, a loop of
+        # per-parameter ops: a mixture holds E experts per layer, and at E=64 on SmolLM2 (166M
+        # trainable parameters) that loop took 0.8 s a step, the fused kernel ~4x less. Same update,
+        # other rounding.
+        return torch.optim.AdamW(groups, fused=fusable(groups))
     bnb = require_bitsandbytes("train.optimizer", cfg.optimizer)
     return getattr(bnb.optim, OPTIMIZERS[cfg.optimizer])(groups)
 
@@ -110,6 +122,7 @@ __all__ = [
     "OPTIMIZERS",
     "bnb_config",
     "build_optimizer",
+    "fusable",
     "check",
     "quantized_load_kwargs",
     "quiet_int8_cast_warning",
