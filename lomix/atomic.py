@@ -70,6 +70,18 @@ def _carry_over(source: Path, dest: Path) -> None:
                 shutil.copy2(path, into)
 
 
+def _usual_permissions(folder: Path) -> None:
+    """Give every file written into ``folder`` the permissions a plain new file gets here (the
+    umask's) at least: safetensors >= 0.8 creates its files owner-only (0600), and a run or export
+    folder copied to a server run by another user would be unreadable there. Nothing is narrowed."""
+    usual = folder.stat().st_mode & 0o666  # mkdir applied the umask to 0777
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            mode = path.stat().st_mode & 0o7777
+            if mode & usual != usual:
+                os.chmod(path, mode | usual)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it becomes ``target``, as a whole.
@@ -94,6 +106,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         _reached("written")
         if target.exists() and not target.is_dir():
             raise NotADirectoryError(f"{target} exists and is not a folder")
+        _usual_permissions(tmp)
         if target.exists():
             _carry_over(target, tmp)
         for path in tmp.rglob("*"):

@@ -121,3 +121,23 @@ def test_load_recovers_a_mixture_left_aside_by_a_kill_between_the_renames(tmp_pa
     saved = lomix.checkpoint.mixture_state_dict(model)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mix"]
+
+
+def test_a_saved_mixture_is_readable_like_any_new_file_and_a_users_narrow_file_stays_narrow(tmp_path):
+    # safetensors >= 0.8 writes owner-only files; a run folder copied to a server run by another user
+    # must stay readable there. Reference: the mode a plain new file gets under this process's umask.
+    model, _ = build_pair(MODEL_CASES["llama"])
+    lomix.inject(model, lomix.MixtureConfig(target_modules=["q_proj"], num_experts=2, rank=2))
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    usual = plain.stat().st_mode & 0o777
+    target = tmp_path / "mixture"
+    lomix.save(model, target)
+    secret = target / "notes.txt"
+    secret.write_text("mine")
+    secret.chmod(0o600)
+    lomix.save(model, target)  # an overwrite carries the user's file over, as it was
+    modes = {p.name: p.stat().st_mode & 0o777 for p in target.iterdir() if p.is_file()}
+    assert modes.pop("notes.txt") == 0o600
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {usual}, modes
