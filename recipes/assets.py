@@ -10,6 +10,7 @@ load in a fraction of a second.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -129,7 +130,12 @@ def gguf_to_safetensors(folder: str, gguf_file: str) -> Path:
     logger.warning("lomix: dequantizing %s once into %s (about a minute)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    # The copy holds plain float32 weights: without this, its config.json would still say
+    # quantization_config {quant_method: gguf}, and transformers (or llama.cpp's converter) would
+    # refuse the folder as a checkpoint of its own.
+    config.__dict__.pop("quantization_config", None)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     del loaded
     with atomic_directory(target) as tmp:

@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 from tiny_assets import make_model_dir
 
 from lomix.errors import ConfigError
@@ -127,3 +128,32 @@ def test_the_gguf_digest_is_remembered_per_path_size_and_mtime(monkeypatch, tmp_
     gguf.write_bytes(b"FUGG" * 1000)  # changed in place: same size, new mtime
     os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))
     assert assets.gguf_sha256(gguf) == hashlib.sha256(b"FUGG" * 1000).hexdigest()
+
+
+def test_the_dequantized_gguf_copy_is_a_plain_checkpoint(monkeypatch, tmp_path):
+    # transformers marks a GGUF-loaded config with quantization_config {quant_method: gguf}; the cached
+    # float32 copy must not carry it (transformers refuses to load such a folder as a checkpoint).
+    import transformers
+
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    source = make_model_dir(tmp_path / "model")
+    (source / "m.gguf").write_bytes(b"GGUF" * 16)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+
+    def from_gguf(folder, gguf_file=None, **kwargs):  # what transformers returns for a GGUF file
+        model = real(source, **kwargs)
+        model.config.quantization_config = {"quant_method": "gguf"}
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_gguf)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder, **kw: tokenizer)
+    monkeypatch.setitem(sys.modules, "gguf", sys)  # the import check only
+    cached = assets.gguf_to_safetensors(str(source), "m.gguf")
+    monkeypatch.undo()
+    config = (cached / "config.json").read_text()
+    assert "quantization_config" not in config and "gguf" not in config
+    reference = real(source)
+    loaded = real(cached)  # a plain checkpoint: transformers loads it as any other
+    for (name, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
