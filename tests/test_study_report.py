@@ -186,6 +186,17 @@ def test_docs_results_tables_match_the_committed_json():
     assert sorted(f"study_{s}_{c}.json" for s, c in sections) == sorted(p.name for p in committed)
 
 
+def test_readme_shows_a_committed_study_with_its_json_numbers():
+    """README's comparison section shows the accuracy table of a committed study, as its JSON gives it."""
+    text = (ROOT / "README.md").read_text()
+    shown = re.findall(r"<!-- readme-study:([\w-]+):(\w+) begin -->\n(.*?)\n<!-- readme-study", text, re.DOTALL)
+    assert shown, "README.md shows no study"
+    for study, scale, body in shown:
+        path = ROOT / "benchmarks" / "results" / f"study_{study}_{scale}.json"
+        assert path.is_file(), f"README.md shows {study} at {scale} scale, which has no committed JSON"
+        assert study_report.accuracy_table(json.loads(path.read_text())["summary"]) in body, path.name
+
+
 def test_runner_resumes_without_recomputing_finished_cells(tmp_path):
     import study  # benchmarks/study.py
 
