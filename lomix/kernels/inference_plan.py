@@ -143,12 +143,13 @@ class SiblingGroup:
     never reads another thread's half-written result.
     """
 
-    __slots__ = ("key", "members", "result", "stacked_t")
+    __slots__ = ("key", "members", "rank", "result", "stacked_t")
 
     def __init__(self, first: InferencePlan) -> None:
         self.members: list[InferencePlan] = [first]
         self.key: tuple | None = None  # the members' factor-cache keys stacked_t was built from
         self.stacked_t: torch.Tensor | None = None
+        self.rank = 0  # r of every member's experts, read when stacked_t is built
         self.result: tuple | None = None  # (weakref to the input, its version, members' keys, hidden (T, L, E*r))
 
     @staticmethod
@@ -192,19 +193,21 @@ class SiblingGroup:
         caches = [cache]
         for member in self.members[1:]:
             factors = member.factors()
-            if factors is None:
-                self.dissolve()
+            if factors is None or (factors[0].k, factors[0].renormalize) != (rule.k, rule.renormalize):
+                self.dissolve()  # a member left the fast path or its rule changed since it joined
                 return None
             caches.append(factors[2])
         key = tuple(c.key for c in caches)
         if key != self.key:
-            num_experts = self.members[0].layer.experts.A.shape[0]
+            if len({c.stacked_t.shape for c in caches}) != 1:  # a bank was replaced by one of another shape
+                self.dissolve()
+                return None
+            num_experts, self.rank = self.members[0].layer.experts.A.shape[:2]
             routers = [c.stacked_t[:, :num_experts] for c in caches]
             shrinks = [c.stacked_t[:, num_experts:] for c in caches]
             self.stacked_t = torch.cat(routers + shrinks, dim=1)  # (d_in, L*E + L*E*r)
-            self.key = key
-        rank = self.members[0].layer.experts.A.shape[1]
-        hidden = gated_hidden(flat, self.stacked_t, len(self.members), rank, rule)
+            self.key = key  # holds every member's A shape: rank stays right while the key does
+        hidden = gated_hidden(flat, self.stacked_t, len(self.members), self.rank, rule)
         self.result = (weakref.ref(x), x._version, key, hidden)
         return hidden[:, 0]
 
