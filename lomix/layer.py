@@ -153,7 +153,7 @@ class MixtureLinear(nn.Module):
             result = plan(x)  # the path an earlier call chose, re-verified (see InferencePlan)
             if result is not None:
                 return result
-            del self.__dict__["_inference_plan"]  # decide again below
+            self.__dict__.pop("_inference_plan", None)  # decide again below (another thread may have)
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
         backend = resolve_backend(self.kernel, x.device)  # once per call: every path below needs it
