@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ..routing import TokenRouting
 from .fused_tuning import tuning_for
@@ -45,10 +46,17 @@ class SoftmaxTopK:
     renormalize: bool
 
 
-def _dense_linear(module: nn.Module, x: torch.Tensor) -> bool:
-    if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+def plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module(x)`` is exactly ``F.linear(x, module.weight, module.bias)`` with a plain weight of
+    x's dtype and device: a torch Linear with no hooks (its own or global) and no instance-level
+    ``forward`` (accelerate's offload hooks replace it), so a kernel may read its weight directly."""
+    if type(module) is not nn.Linear or "forward" in module.__dict__:
         return False
-    weight = module.weight
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return False
+    weight = module._parameters["weight"]
     return type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == x.dtype and weight.device == x.device
 
 
@@ -69,7 +77,7 @@ def fused_rule(layer: nn.Module, x: torch.Tensor) -> SoftmaxTopK | None:
         return None
     if layer.training and not isinstance(layer.dropout, nn.Identity):
         return None
-    if not _dense_linear(layer.base_layer, x):
+    if not plain_linear(layer.base_layer, x):
         return None
     from .routed_dense import router_has_hooks
 

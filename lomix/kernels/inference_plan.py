@@ -27,9 +27,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as torch_module
 
-from .fused import SoftmaxTopK
+from .fused import SoftmaxTopK, plain_linear
 from .routed_dense import (
     _FactorCache,
     cached_factors,
@@ -107,7 +106,7 @@ class InferencePlan:
         if path is None:
             return None
         base = self.base
-        out = F.linear(x, base.weight, base.bias) if _plain_linear(base, x) else base(x)
+        out = F.linear(x, base.weight, base.bias) if plain_linear(base, x) else base(x)
         state = layer.__dict__
         if state["aux_losses"] or state["last_routing"] is not None:  # (module attribute writes are slow)
             layer.aux_losses, layer.last_routing = {}, None
@@ -224,16 +223,3 @@ def _inference_path(num_experts: int, rank: int, d_in: int, d_out: int, k: int, 
     if not prefers_dense(num_experts, rank, d_in, d_out, k, tokens):
         return None
     return "selected" if reads_selected_experts(num_experts, k, tokens) else "dense"
-
-
-def _plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module(x)`` is exactly ``F.linear(x, module.weight, module.bias)``: a torch Linear
-    with no hooks and no instance-level ``forward`` (accelerate's offload hooks replace it)."""
-    if type(module) is not nn.Linear or "forward" in module.__dict__:
-        return False
-    if module._forward_hooks or module._forward_pre_hooks:
-        return False
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return False
-    weight = module._parameters["weight"]
-    return weight.dtype == x.dtype and weight.device == x.device
