@@ -100,16 +100,17 @@ def forward_pass(model: torch.nn.Module, ids: torch.Tensor):
 
 
 def forced_sorted(step):
-    """``step`` run with the torch backend's dense strategy limited to E <= 4k (sorted beyond)."""
+    """``step`` run with the torch backend's dense strategy limited to E <= 4k and the sorted grid
+    beyond (not the bags, which the CPU otherwise takes there)."""
     from lomix.kernels import torch_backend
 
     def run() -> None:
-        saved = torch_backend.DENSE_MAX_MACS
-        torch_backend.DENSE_MAX_MACS = 0
+        saved = torch_backend.DENSE_MAX_MACS, torch_backend.USE_BAGS
+        torch_backend.DENSE_MAX_MACS, torch_backend.USE_BAGS = 0, False
         try:
             step()
         finally:
-            torch_backend.DENSE_MAX_MACS = saved
+            torch_backend.DENSE_MAX_MACS, torch_backend.USE_BAGS = saved
 
     return run
 
@@ -128,7 +129,7 @@ def main() -> None:
     parser.add_argument(
         "--also-sorted",
         action="store_true",
-        help="for E > 4k also time the mixture with the sorted strategy forced (checks the dense/sorted rule)",
+        help="for E > 4k also time the mixture with the sorted grid forced (the strategy before the bags)",
     )
     parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/model_step_<model>_cpu.json)"

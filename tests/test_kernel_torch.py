@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from lomix.kernels import mixture_lora, mixture_lora_mixed
-from lomix.kernels.torch_backend import mixture_lora_dense, mixture_lora_sorted, mixture_lora_torch, prefers_dense
+from lomix.kernels.torch_backend import (
+    mixture_lora_bags,
+    mixture_lora_dense,
+    mixture_lora_sorted,
+    mixture_lora_torch,
+    prefers_dense,
+)
 
-STRATEGIES = {"dense": mixture_lora_dense, "sorted": mixture_lora_sorted, "auto": mixture_lora_torch}
+STRATEGIES = {
+    "dense": mixture_lora_dense,
+    "sorted": mixture_lora_sorted,
+    "bags": mixture_lora_bags,
+    "auto": mixture_lora_torch,
+}
 
 
 def naive_mixture(x, A, B, indices, gates, scale):
@@ -56,7 +67,7 @@ def test_forward_and_gradients_match_naive_loop(strategy, dtype, tol, tokens, d_
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"{name} differs")
 
 
-@pytest.mark.parametrize("strategy", ["dense", "sorted"])
+@pytest.mark.parametrize("strategy", ["dense", "sorted", "bags"])
 def test_repeated_expert_in_a_row_adds_up(strategy):
     # Routers that pad rows repeat an expert with gate 0; the sum semantics must hold either way.
     problem = random_problem(7, 10, 6, 3, 4, 3, torch.float64, distinct=False)
@@ -70,7 +81,7 @@ def test_all_tokens_on_one_expert_and_empty_experts():
         torch.testing.assert_close(fn(x, A, B, indices, gates, 2.0), naive_mixture(x, A, B, indices, gates, 2.0))
 
 
-@pytest.mark.parametrize("strategy", ["dense", "sorted"])
+@pytest.mark.parametrize("strategy", ["dense", "sorted", "bags"])
 def test_gradcheck_fp64(strategy):
     x, A, B, indices, gates = random_problem(5, 6, 7, 2, 4, 2, torch.float64)
     fn = STRATEGIES[strategy]
@@ -133,7 +144,8 @@ def test_fused_output_add_equals_separate_add(strategy):
 
 
 @pytest.mark.parametrize("skewed", [False, True, "one"])
-def test_sorted_chunk_grid_matches_the_naive_loop_under_any_skew(skewed):
+@pytest.mark.parametrize("strategy", ["sorted", "bags"])
+def test_sparse_strategies_match_the_naive_loop_under_any_skew(strategy, skewed):
     # 16 experts, k=2: all tokens on two experts (or every pair on one expert, a repeated id) give
     # those experts several chunks and the others none.
     x, A, B, indices, gates = random_problem(10, 12, 9, 3, 16, 2, torch.float64)
@@ -141,7 +153,7 @@ def test_sorted_chunk_grid_matches_the_naive_loop_under_any_skew(skewed):
         indices = torch.tensor([[3, 11]] * 10)
     elif skewed == "one":
         indices = torch.full((10, 2), 7)
-    ours = grads(mixture_lora_sorted, x, A, B, indices, gates, 0.9)
+    ours = grads(STRATEGIES[strategy], x, A, B, indices, gates, 0.9)
     ref = grads(naive_mixture, x, A, B, indices, gates, 0.9)
     for name, a, b in zip(("out", "dx", "dA", "dB", "dgates"), ours, ref, strict=True):
         torch.testing.assert_close(a, b, msg=f"{name} differs")
@@ -153,6 +165,24 @@ def test_strategy_rule_keeps_dense_for_few_experts_or_little_work():
     assert prefers_dense(64, 8, 576, 1536, 2, 16)
     assert not prefers_dense(64, 8, 576, 1536, 2, 4096)
     assert prefers_dense(4, 8, 576, 1536, 4, 4096)  # k == E: nothing to skip
+
+
+def test_auto_takes_bags_beyond_dense_on_the_cpu_in_fp32_and_the_grid_elsewhere(monkeypatch):
+    # Many experts and enough tokens leave dense; fp32/fp64 CPU then runs the bags (their sampled
+    # product has no bf16 kernel), a bf16 input the sorted grid; both give the naive loop's delta.
+    from lomix.kernels import torch_backend
+
+    calls = []
+    for name in ("mixture_lora_bags", "mixture_lora_sorted"):
+        original = getattr(torch_backend, name)
+        monkeypatch.setattr(torch_backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    monkeypatch.setattr(torch_backend, "DENSE_MAX_MACS", 0)
+    for dtype, expected in [(torch.float32, "mixture_lora_bags"), (torch.bfloat16, "mixture_lora_sorted")]:
+        x, A, B, indices, gates = random_problem(12, 8, 6, 2, 16, 2, dtype)
+        out = torch_backend.mixture_lora_torch(x, A, B, indices, gates, 0.5)
+        ref = naive_mixture(*(t.double() if t.is_floating_point() else t for t in (x, A, B, indices, gates)), 0.5)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=2e-2)
+        assert calls.pop() == expected
 
 
 def test_the_chunk_grid_stays_near_the_real_pairs_under_skew():

@@ -13,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lomix.kernels import mixture_lora
-from lomix.kernels.torch_backend import mixture_lora_dense, mixture_lora_sorted, mixture_lora_torch
+from lomix.kernels.torch_backend import mixture_lora_bags, mixture_lora_dense, mixture_lora_sorted, mixture_lora_torch
 
 KERNELS = {
     "dense": mixture_lora_dense,
     "sorted": mixture_lora_sorted,
+    "bags": mixture_lora_bags,
     "auto": mixture_lora_torch,
     "public": lambda *args: mixture_lora(*args[:6], out=args[6], backend="torch"),
 }

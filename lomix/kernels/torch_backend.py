@@ -1,6 +1,6 @@
 """The pure-torch mixture-of-LoRA kernels: the reference and the CPU path.
 
-Two strategies compute the same routed delta, scale * sum_j gates[t, j] * B[e] A[e] x[t] with
+Three strategies compute the same routed delta, scale * sum_j gates[t, j] * B[e] A[e] x[t] with
 e = indices[t, j]:
 
 - dense-masked: one shrink of every token against all experts' A at once (E*r columns), zero the
@@ -11,15 +11,27 @@ e = indices[t, j]:
   about the active experts' FLOPs (at most ~2x for padding, whatever the routing's skew) plus a
   gather of x rows and a scatter-add of output rows, and the same number of ops at any E: best
   when E/k and the work grow
-  (`prefers_dense` has the measured rule). Neither loops over tokens or experts.
+  (`prefers_dense` has the measured rule).
+- bags (fp32/fp64 on the CPU, where it replaces the sorted grid): a token's k*r expert-rank
+  columns are its bag. The shrink computes only those columns' dot products (a sampled dense-dense
+  product), the expand sums the bag's rows of the stacked B weighted by the gated intermediate
+  (`embedding_bag`); the backward is the same two ops the other way round, with the bags regrouped
+  by column for the factors' gradients. Exactly the active FLOPs, no padding, no gather of d-wide
+  rows into a grid and no scatter-add of output rows, in ~6 ops forward and ~10 backward at any E.
+  These sparse ops run a few times below GEMM speed per FLOP, so dense keeps the small-E shapes.
 
-Neither copies a token's expert weights (the T*k*r*d gather that makes naive "vectorised" designs
-the slowest of all; PERFORMANCE.md). Both are differentiable through x, A, B and gates by autograd.
+None of them loops over tokens or experts, and none copies a token's expert weights (the T*k*r*d
+gather that makes naive "vectorised" designs the slowest of all; docs/performance.md). All are
+differentiable through x, A, B and gates (dense and sorted by autograd, bags by its own backward).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # The dense-masked strategy runs every expert: it costs E/k times the active experts' FLOPs but
 # only two GEMMs. The sorted grid costs about the active FLOPs (times the padding) plus a gather of
@@ -31,6 +43,10 @@ import torch
 # only small work (a few dozen tokens), where the grid's fixed op cost dominates.
 DENSE_MAX_EXPERTS_PER_ACTIVE = 4
 DENSE_MAX_MACS = 1e8
+# Beyond dense, the bag strategy where it runs (fp32/fp64 CPU): per SmolLM2-shaped layer at 1,536
+# tokens, E=64, top-2, r=8, 2 threads, training forward + backward 1.2-2.0x faster than the sorted
+# grid (benchmarks/layer_overhead.py --experts 64). Off: the sorted grid (benchmarks compare them).
+USE_BAGS = True
 
 
 def dense_extra_flops(num_experts: int, rank: int, d_in: int, d_out: int) -> float:
@@ -139,6 +155,115 @@ def mixture_lora_sorted(
     return out.index_add(0, token_of_slot, expanded)
 
 
+def _csr_warned_once() -> None:
+    """Build one CSR tensor with warnings caught: torch warns once per process that CSR is "beta"."""
+    global _csr_quiet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1))
+    _csr_quiet = True
+
+
+_csr_quiet = False
+
+
+def _bag_dots(rows: torch.Tensor, table: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """dots[t, c] = rows[t] . table[bags[t, c]]: rows (T, d), table (n, d), bags (T, m) -> (T, m).
+
+    A sampled dense-dense product over the pattern "row t, columns bags[t]" (no (T, n) product)."""
+    if not _csr_quiet:
+        _csr_warned_once()
+    tokens, per_bag = bags.shape
+    pattern = torch.sparse_csr_tensor(
+        torch.arange(0, tokens * per_bag + 1, per_bag, device=bags.device),
+        bags.reshape(-1),
+        rows.new_zeros(tokens * per_bag),  # beta=0 still reads it: zeros, never uninitialised memory
+        size=(tokens, table.shape[0]),
+        check_invariants=False,
+    )
+    return torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0).values().view(tokens, per_bag)
+
+
+def _column_sums(bags: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, columns: int) -> torch.Tensor:
+    """out[c] = sum over (t, j) with bags[t, j] == c of weights[t, j] * rows[t]: (columns, d).
+
+    The transpose of the bag sum, as bags again: the pairs regrouped by column (a stable sort)."""
+    flat = bags.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=columns)
+    return F.embedding_bag(
+        order.div(bags.shape[1], rounding_mode="floor"),  # the token of each sorted pair
+        rows,
+        counts.cumsum(0) - counts,
+        mode="sum",
+        per_sample_weights=weights.reshape(-1).index_select(0, order),
+    )
+
+
+class _RoutedBags(torch.autograd.Function):
+    """delta[t] = sum_c gates[t, c] * scale * (x[t] . A[bags[t, c]]) * B[bags[t, c]].
+
+    x (T, d_in), A (n, d_in) and B (n, d_out) the experts' stacked rank rows (n = E*r), bags (T, k*r)
+    the columns e*r + j of each token's experts, gates (T, k*r) each column's gate -> (T, d_out)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, bags, gates, scale):
+        hidden = _bag_dots(x, A, bags)  # (T, k*r): only the selected experts' shrink
+        gated = hidden * gates * scale
+        ctx.save_for_backward(x, A, B, bags, gates, hidden, gated)
+        ctx.scale = scale
+        return F.embedding_bag(bags, B, mode="sum", per_sample_weights=gated)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, A, B, bags, gates, hidden, gated = ctx.saved_tensors
+        scale = ctx.scale
+        grad = grad.contiguous()
+        d_gated = _bag_dots(grad, B, bags)  # (T, k*r)
+        d_hidden = d_gated * gates * scale
+        needs = ctx.needs_input_grad
+        dx = F.embedding_bag(bags, A, mode="sum", per_sample_weights=d_hidden) if needs[0] else None
+        dA = _column_sums(bags, d_hidden, x, A.shape[0]) if needs[1] else None
+        dB = _column_sums(bags, gated, grad, B.shape[0]) if needs[2] else None
+        d_gates = d_gated * hidden * scale if needs[4] else None
+        return dx, dA, dB, None, d_gates, None
+
+
+def bags_supported(x: torch.Tensor) -> bool:
+    """Whether the bag strategy runs for x: the CPU's sampled product takes fp32 and fp64 only (the
+    GPU keeps the sorted grid: not measured there)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def mixture_lora_bags(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bag strategy (fp32/fp64 on the CPU). Same shapes and ``out`` as `mixture_lora_dense`.
+
+    Token t's bag holds the columns e*r .. e*r + r-1 of each of its experts e in the stacked
+    [A_1; ...; A_E] (E*r, d_in) and [B_1^T; ...; B_E^T] (E*r, d_out); a padded slot repeating an
+    expert adds like the sum, as in the other strategies."""
+    tokens, k = indices.shape
+    num_experts, rank, d_in = A.shape
+    d_out = B.shape[1]
+    if tokens == 0 or k > num_experts:
+        # No tokens: dense keeps the empty result in the graph. k > E: more bag entries than matrix
+        # entries, which torch's sampled product refuses (and dense is all the work there is anyway).
+        return mixture_lora_dense(x, A, B, indices, gates, scale, out)
+    bags = (indices.unsqueeze(-1) * rank + torch.arange(rank, device=indices.device)).reshape(tokens, k * rank)
+    column_gates = gates.to(x.dtype).repeat_interleave(rank, dim=1)
+    stacked_b = B.transpose(1, 2).reshape(num_experts * rank, d_out)
+    delta = _RoutedBags.apply(x, A.reshape(num_experts * rank, d_in), stacked_b, bags, column_gates, scale)
+    return delta if out is None else out + delta
+
+
 def prefers_dense(num_experts: int, rank: int, d_in: int, d_out: int, k: int, tokens: int) -> bool:
     """Whether the dense-masked strategy beats the sorted grid for this shape (see the constants)."""
     if k >= num_experts or num_experts <= DENSE_MAX_EXPERTS_PER_ACTIVE * k:
@@ -159,6 +284,8 @@ def mixture_lora_torch(
     num_experts, rank, d_in = A.shape
     if prefers_dense(num_experts, rank, d_in, B.shape[1], indices.shape[1], x.shape[0]):
         return mixture_lora_dense(x, A, B, indices, gates, scale, out)
+    if USE_BAGS and bags_supported(x):
+        return mixture_lora_bags(x, A, B, indices, gates, scale, out)
     return mixture_lora_sorted(x, A, B, indices, gates, scale, out)
 
 
