@@ -13,6 +13,7 @@ an absolute rate.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 
 import torch
@@ -40,6 +41,20 @@ def generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int):
     return run
 
 
+def ungrouped(run):
+    """``run`` with sibling groups off: each layer computes its own router and shrink (what groups save)."""
+    from lomix.kernels import inference_plan
+
+    def without_groups() -> None:
+        inference_plan.SIBLING_GROUPS = False
+        try:
+            run()
+        finally:
+            inference_plan.SIBLING_GROUPS = True
+
+    return without_groups
+
+
 def rate_ratio(table: dict[str, dict[str, float]], name: str) -> dict[str, float]:
     """Tokens/s ratio (the inverse of the time ratio) with its interquartile range."""
     entry = table[name]
@@ -61,9 +76,17 @@ def main() -> None:
     prompt = torch.randint(1, base.config.vocab_size, (1, args.prompt), generator=generator)
     lora, _ = build_peft(base)
     mixture, _ = build_lomix(base, 8)
-    models = {"peft_lora_r16": lora.eval(), "lomix_top2_of_8_r8": mixture.eval(), "base": base}
+    separate = copy.deepcopy(mixture)  # the same weights in layers of its own, run with groups off
+    models = {
+        "peft_lora_r16": lora.eval(),
+        "lomix_top2_of_8_r8": mixture.eval(),
+        "lomix_top2_of_8_r8_ungrouped": separate.eval(),
+        "base": base,
+    }
     candidates = {name: generation(model, prompt, args.new) for name, model in models.items()}
-    over_peft = ratio_table(candidates, "peft_lora_r16", rounds=args.rounds, warmup=2)
+    candidates["lomix_top2_of_8_r8_ungrouped"] = ungrouped(candidates["lomix_top2_of_8_r8_ungrouped"])
+    grouping = {"grouped / ungrouped": ("lomix_top2_of_8_r8", "lomix_top2_of_8_r8_ungrouped")}
+    over_peft = ratio_table(candidates, "peft_lora_r16", rounds=args.rounds, warmup=2, pairs=grouping)
     to_peft = {name: rate_ratio(over_peft, name) for name in models}
     to_base = {name: to_peft[name]["median"] / to_peft["base"]["median"] for name in models}
     print(
@@ -75,6 +98,11 @@ def main() -> None:
     for name in models:
         entry = to_peft[name]
         print(f"| {name} | {entry['median']:.3f} ({entry['p25']:.2f}-{entry['p75']:.2f}) | {to_base[name]:.3f} |")
+    groups = rate_ratio(over_peft, "grouped / ungrouped")
+    print(
+        f"\nsibling groups (q/k/v, gate/up share one router+shrink GEMM): grouped / ungrouped tokens/s "
+        f"{groups['median']:.3f} ({groups['p25']:.2f}-{groups['p75']:.2f})"
+    )
     out = args.out or f"benchmarks/results/decode_{args.model}_cpu.json"
     write_json(
         out,
@@ -87,6 +115,7 @@ def main() -> None:
             "rounds": args.rounds,
             "tokens_per_s_over_peft_lora_r16": to_peft,
             "tokens_per_s_over_base_median": to_base,
+            "tokens_per_s_grouped_over_ungrouped": groups,
         },
     )
     print(f"\nwrote {out}")

@@ -39,6 +39,9 @@ from .routed_dense import (
 )
 from .torch_backend import prefers_dense
 
+# Off: plans never form groups (benchmarks/decode.py measures what the groups save this way).
+SIBLING_GROUPS = True
+
 # The previous plan call of this thread: (weakref to its input, the input's version, weakref to the plan).
 _previous = threading.local()
 
@@ -123,7 +126,7 @@ class InferencePlan:
     def _observe(self, x: torch.Tensor, rule: SoftmaxTopK, A: torch.Tensor) -> None:
         """Join the previous plan call's group when it read this very input; then be the previous call."""
         previous = getattr(_previous, "call", None)
-        if previous is not None and self.group is None:
+        if previous is not None and self.group is None and SIBLING_GROUPS:
             seen, version, plan_ref = previous
             plan = plan_ref()
             if plan is not None and plan is not self and seen() is x and version == x._version:
