@@ -200,3 +200,18 @@ def test_the_chunk_grid_stays_near_the_real_pairs_under_skew():
         assert chunk_expert.numel() * capacity <= min(experts * int(counts.max()), pairs + experts * mean)
         assert slot.unique().numel() == pairs  # every pair its own row
         assert torch.equal(chunk_expert[slot // capacity], indices.reshape(-1)[order])  # in its expert's chunk
+
+
+def test_bags_take_strided_inputs_and_factors():
+    # x, A, B transposed views and column-major indices (a layer may hand any of them over): the
+    # sampled product and embedding_bag must read them as the naive loop does.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 10, generator=g, dtype=torch.float64).t().requires_grad_()
+    A = torch.randn(16, 12, 3, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    B = torch.randn(16, 3, 9, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    indices = torch.stack([torch.randperm(16, generator=g)[:2] for _ in range(10)]).t().contiguous().t()
+    gates = torch.rand(10, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = grads(mixture_lora_bags, x, A, B, indices, gates, 0.7)
+    ref = grads(naive_mixture, x, A, B, indices, gates, 0.7)
+    for name, a, b in zip(("out", "dx", "dA", "dB", "dgates"), ours, ref, strict=True):
+        torch.testing.assert_close(a, b, msg=f"{name} differs")

@@ -43,9 +43,10 @@ from torch.autograd.function import once_differentiable
 # only small work (a few dozen tokens), where the grid's fixed op cost dominates.
 DENSE_MAX_EXPERTS_PER_ACTIVE = 4
 DENSE_MAX_MACS = 1e8
-# Beyond dense, the bag strategy where it runs (fp32/fp64 CPU): per SmolLM2-shaped layer at 1,536
-# tokens, E=64, top-2, r=8, 2 threads, training forward + backward 1.2-2.0x faster than the sorted
-# grid (benchmarks/layer_overhead.py --experts 64). Off: the sorted grid (benchmarks compare them).
+# Beyond dense, the bag strategy where it runs (fp32/fp64 CPU): it beat the sorted grid at every
+# SmolLM2 shape and E past dense (one block's seven projections, forward+backward with routing, over
+# the base's: 2.25 vs 2.87 at E=64, 1,536 tokens; 3.10 vs 3.75 at 256 tokens; 2 threads,
+# benchmarks/results/layer_strategies_smollm2_cpu.json). Off: the sorted grid (benchmarks compare).
 USE_BAGS = True
 
 
@@ -184,19 +185,23 @@ def _bag_dots(rows: torch.Tensor, table: torch.Tensor, bags: torch.Tensor) -> to
     return torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0).values().view(tokens, per_bag)
 
 
-def _column_sums(bags: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, columns: int) -> torch.Tensor:
-    """out[c] = sum over (t, j) with bags[t, j] == c of weights[t, j] * rows[t]: (columns, d).
-
-    The transpose of the bag sum, as bags again: the pairs regrouped by column (a stable sort)."""
+def _by_column(bags: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bags' entries regrouped by column (a stable sort, done once per backward): (order (T*m,)
+    the entries sorted by column, token (T*m,) the token of each sorted entry, offsets (columns,)
+    where each column's entries start)."""
     flat = bags.reshape(-1)
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=columns)
+    return order, order.div(bags.shape[1], rounding_mode="floor"), counts.cumsum(0) - counts
+
+
+def _column_sums(by_column: tuple, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out[c] = sum over (t, j) with bags[t, j] == c of weights[t, j] * rows[t]: (columns, d).
+
+    The transpose of the bag sum, as bags again: one bag per column (`_by_column`)."""
+    order, token, offsets = by_column
     return F.embedding_bag(
-        order.div(bags.shape[1], rounding_mode="floor"),  # the token of each sorted pair
-        rows,
-        counts.cumsum(0) - counts,
-        mode="sum",
-        per_sample_weights=weights.reshape(-1).index_select(0, order),
+        token, rows, offsets, mode="sum", per_sample_weights=weights.reshape(-1).index_select(0, order)
     )
 
 
@@ -224,8 +229,9 @@ class _RoutedBags(torch.autograd.Function):
         d_hidden = d_gated * gates * scale
         needs = ctx.needs_input_grad
         dx = F.embedding_bag(bags, A, mode="sum", per_sample_weights=d_hidden) if needs[0] else None
-        dA = _column_sums(bags, d_hidden, x, A.shape[0]) if needs[1] else None
-        dB = _column_sums(bags, gated, grad, B.shape[0]) if needs[2] else None
+        by_column = _by_column(bags, A.shape[0]) if needs[1] or needs[2] else None
+        dA = _column_sums(by_column, d_hidden, x) if needs[1] else None
+        dB = _column_sums(by_column, gated, grad) if needs[2] else None
         d_gates = d_gated * hidden * scale if needs[4] else None
         return dx, dA, dB, None, d_gates, None
 
