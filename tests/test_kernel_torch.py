@@ -215,3 +215,21 @@ def test_bags_take_strided_inputs_and_factors():
     ref = grads(naive_mixture, x, A, B, indices, gates, 0.7)
     for name, a, b in zip(("out", "dx", "dA", "dB", "dgates"), ours, ref, strict=True):
         torch.testing.assert_close(a, b, msg=f"{name} differs")
+
+
+def test_bags_regroup_entries_by_column_as_a_stable_sort_does():
+    # The backward places the T*k*r entries by sorting only the T*k pairs: it must give exactly the
+    # order (and column starts) of a stable sort of all entries, repeated experts in a row included.
+    from lomix.kernels.torch_backend import _by_column
+
+    generator = torch.Generator().manual_seed(2)
+    for tokens, experts, k, rank in [(50, 16, 2, 8), (7, 4, 3, 2), (1, 8, 1, 1), (30, 6, 2, 3)]:
+        indices = torch.randint(0, experts, (tokens, k), generator=generator)
+        bags = (indices.unsqueeze(-1) * rank + torch.arange(rank)).reshape(tokens, k * rank)
+        order, token, offsets = _by_column(bags, experts, rank)
+        flat = bags.reshape(-1)
+        expected = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=experts * rank)
+        assert torch.equal(order, expected)
+        assert torch.equal(token, expected // (k * rank))
+        assert torch.equal(offsets, counts.cumsum(0) - counts)

@@ -185,14 +185,32 @@ def _bag_dots(rows: torch.Tensor, table: torch.Tensor, bags: torch.Tensor) -> to
     return torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0).values().view(tokens, per_bag)
 
 
-def _by_column(bags: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bags' entries regrouped by column (a stable sort, done once per backward): (order (T*m,)
-    the entries sorted by column, token (T*m,) the token of each sorted entry, offsets (columns,)
-    where each column's entries start)."""
-    flat = bags.reshape(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=columns)
-    return order, order.div(bags.shape[1], rounding_mode="floor"), counts.cumsum(0) - counts
+def _by_column(bags: torch.Tensor, num_experts: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bags' entries regrouped by column (once per backward): (order (T*m,) the entries sorted by
+    column, stably, token (T*m,) the token of each sorted entry, offsets (E*r,) where each column's
+    entries start).
+
+    Column e*r + j holds entry j of every (token, slot) pair routed to e, so sorting the T*k pairs by
+    expert places all T*k*r entries: the same order as a stable sort of the entries, for r times
+    fewer elements to sort."""
+    tokens, per_bag = bags.shape
+    k = per_bag // rank
+    pairs = tokens * k
+    expert = bags.reshape(pairs, rank)[:, 0].div(rank, rounding_mode="floor")  # (T*k,)
+    pair_order = expert.argsort(stable=True)
+    counts = torch.bincount(expert, minlength=num_experts)
+    first = counts.cumsum(0) - counts  # each expert's first pair in the sorted order
+    sorted_expert = expert.index_select(0, pair_order)
+    local = torch.arange(pairs, device=bags.device) - first.index_select(0, sorted_expert)
+    ranks = torch.arange(rank, device=bags.device)
+    # sorted pair q, entry j -> position first[e]*r + j*counts[e] + local[q] of column e*r + j's run
+    position = (first.index_select(0, sorted_expert) * rank + local).unsqueeze(1) + ranks * counts.index_select(
+        0, sorted_expert
+    ).unsqueeze(1)
+    entry = pair_order.unsqueeze(1) * rank + ranks  # its index in the flattened bags
+    order = torch.empty_like(entry.view(-1)).index_copy_(0, position.view(-1), entry.view(-1))
+    offsets = (first.unsqueeze(1) * rank + ranks * counts.unsqueeze(1)).view(-1)
+    return order, order.div(per_bag, rounding_mode="floor"), offsets
 
 
 def _column_sums(by_column: tuple, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -209,14 +227,15 @@ class _RoutedBags(torch.autograd.Function):
     """delta[t] = sum_c gates[t, c] * scale * (x[t] . A[bags[t, c]]) * B[bags[t, c]].
 
     x (T, d_in), A (n, d_in) and B (n, d_out) the experts' stacked rank rows (n = E*r), bags (T, k*r)
-    the columns e*r + j of each token's experts, gates (T, k*r) each column's gate -> (T, d_out)."""
+    the columns e*r + j of each token's experts (slot by slot, j = 0..r-1 within a slot), gates
+    (T, k*r) each column's gate, rank r -> (T, d_out)."""
 
     @staticmethod
-    def forward(ctx, x, A, B, bags, gates, scale):
+    def forward(ctx, x, A, B, bags, gates, scale, rank):
         hidden = _bag_dots(x, A, bags)  # (T, k*r): only the selected experts' shrink
         gated = hidden * gates * scale
         ctx.save_for_backward(x, A, B, bags, gates, hidden, gated)
-        ctx.scale = scale
+        ctx.scale, ctx.rank = scale, rank
         return F.embedding_bag(bags, B, mode="sum", per_sample_weights=gated)
 
     @staticmethod
@@ -229,11 +248,11 @@ class _RoutedBags(torch.autograd.Function):
         d_hidden = d_gated * gates * scale
         needs = ctx.needs_input_grad
         dx = F.embedding_bag(bags, A, mode="sum", per_sample_weights=d_hidden) if needs[0] else None
-        by_column = _by_column(bags, A.shape[0]) if needs[1] or needs[2] else None
+        by_column = _by_column(bags, A.shape[0] // ctx.rank, ctx.rank) if needs[1] or needs[2] else None
         dA = _column_sums(by_column, d_hidden, x) if needs[1] else None
         dB = _column_sums(by_column, gated, grad) if needs[2] else None
         d_gates = d_gated * hidden * scale if needs[4] else None
-        return dx, dA, dB, None, d_gates, None
+        return dx, dA, dB, None, d_gates, None, None
 
 
 def bags_supported(x: torch.Tensor) -> bool:
@@ -266,7 +285,7 @@ def mixture_lora_bags(
     bags = (indices.unsqueeze(-1) * rank + torch.arange(rank, device=indices.device)).reshape(tokens, k * rank)
     column_gates = gates.to(x.dtype).repeat_interleave(rank, dim=1)
     stacked_b = B.transpose(1, 2).reshape(num_experts * rank, d_out)
-    delta = _RoutedBags.apply(x, A.reshape(num_experts * rank, d_in), stacked_b, bags, column_gates, scale)
+    delta = _RoutedBags.apply(x, A.reshape(num_experts * rank, d_in), stacked_b, bags, column_gates, scale, rank)
     return delta if out is None else out + delta
 
 
