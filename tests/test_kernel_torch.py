@@ -233,3 +233,21 @@ def test_bags_regroup_entries_by_column_as_a_stable_sort_does():
         assert torch.equal(order, expected)
         assert torch.equal(token, expected // (k * rank))
         assert torch.equal(offsets, counts.cumsum(0) - counts)
+
+
+@pytest.mark.parametrize("bad", [-1, 16, 1_000_000])
+def test_bags_refuse_expert_ids_out_of_range(bad):
+    # The sampled product reads columns unchecked: a bad id must be an error, not a read outside A.
+    x, A, B, indices, gates = random_problem(6, 8, 5, 2, 16, 2, torch.float32)
+    indices = indices.detach().clone()
+    indices[2, 1] = bad
+    with pytest.raises(IndexError, match=r"\[0, 16\)"):
+        mixture_lora_bags(x, A, B, indices, gates, 0.5)
+
+
+def test_bags_run_with_sparse_invariant_checks_switched_on():
+    x, A, B, indices, gates = random_problem(6, 8, 5, 2, 16, 2, torch.float64)
+    with torch.sparse.check_sparse_tensor_invariants():
+        torch.testing.assert_close(
+            mixture_lora_bags(x, A, B, indices, gates, 0.5), naive_mixture(x, A, B, indices, gates, 0.5)
+        )

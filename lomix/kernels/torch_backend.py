@@ -161,7 +161,9 @@ def _csr_warned_once() -> None:
     global _csr_quiet
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1))
+        torch.sparse_csr_tensor(  # a valid 1 x 1 matrix: users may switch invariant checks on globally
+            torch.tensor([0, 1]), torch.zeros(1, dtype=torch.long), torch.zeros(1), size=(1, 1), check_invariants=False
+        )
     _csr_quiet = True
 
 
@@ -274,10 +276,18 @@ def mixture_lora_bags(
 
     Token t's bag holds the columns e*r .. e*r + r-1 of each of its experts e in the stacked
     [A_1; ...; A_E] (E*r, d_in) and [B_1^T; ...; B_E^T] (E*r, d_out); a padded slot repeating an
-    expert adds like the sum, as in the other strategies."""
+    expert adds like the sum, as in the other strategies. Its backward is its own (`_RoutedBags`) and
+    once differentiable: no double backward or ``torch.func`` transforms through it (nothing in lomix
+    needs them; the sorted grid, ``USE_BAGS = False``, supports them)."""
     tokens, k = indices.shape
     num_experts, rank, d_in = A.shape
     d_out = B.shape[1]
+    if tokens and num_experts:
+        # The sampled product reads the columns it is given unchecked: an id outside [0, E) would read
+        # outside A (dense and sorted raise on it), so check the range first (no device wait on the CPU).
+        low, high = torch.aminmax(indices)
+        if int(low) < 0 or int(high) >= num_experts:
+            raise IndexError(f"expert indices must lie in [0, {num_experts}); got {int(low)}..{int(high)}")
     if tokens == 0 or k > num_experts:
         # No tokens: dense keeps the empty result in the graph. k > E: more bag entries than matrix
         # entries, which torch's sampled product refuses (and dense is all the work there is anyway).
