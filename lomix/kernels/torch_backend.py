@@ -300,7 +300,7 @@ def mixture_lora_bags(
 
 
 def prefers_dense(num_experts: int, rank: int, d_in: int, d_out: int, k: int, tokens: int) -> bool:
-    """Whether the dense-masked strategy beats the sorted grid for this shape (see the constants)."""
+    """Whether the dense-masked strategy beats the sparse ones (bags, the sorted grid) for this shape."""
     if k >= num_experts or num_experts <= DENSE_MAX_EXPERTS_PER_ACTIVE * k:
         return True
     return tokens * num_experts * rank * (d_in + d_out) <= DENSE_MAX_MACS
