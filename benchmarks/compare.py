@@ -31,7 +31,7 @@ Measured per method, in this one process: mean and per-task test accuracy (multi
 log-likelihood, the recipes' evaluator), adapter and active-per-token parameters, the effective
 support of the routing (||g||_1^2/||g||_2^2 of each token's expert weights on each task's first test
 examples, mean over layers and tasks; PEFT LoRA: 1), training-step and forward time as ratios to
-PEFT LoRA on one training batch (alternating rounds, median and IQR, PERFORMANCE.md protocol), and
+PEFT LoRA on one training batch (alternating rounds, median and IQR, benchmarks/harness.py's protocol), and
 the extra peak resident memory of two more training steps on that batch over what is resident
 before them (steady state: AdamW's state already exists; the kernel's high-water mark reset first).
 

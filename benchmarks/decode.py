@@ -5,7 +5,7 @@
 lomix top-2 of 8 experts r=8 and PEFT LoRA r=16 adapt the same seven projections of the same frozen
 model (equal active rank per token); the base model runs unadapted. Each round generates ``--new``
 tokens greedily (``generate``, KV cache, every run forced to the same length) from the same random
-prompt. PERFORMANCE.md protocol: one process, fixed threads, warm-up, then alternating rounds; the
+prompt. The protocol of benchmarks/harness.py: one process, fixed threads, warm-up, then alternating rounds; the
 table gives each model's tokens/s as a ratio to PEFT LoRA's and to the base's (median, IQR), never
 an absolute rate.
 """

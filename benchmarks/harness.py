@@ -1,4 +1,4 @@
-"""Side-by-side timing in one process (PERFORMANCE.md protocol).
+"""Side-by-side timing in one process: the protocol of every CPU benchmark here.
 
 Implementations are run in alternation (A B C A B C ...) after a warm-up, each round's time is
 divided by the baseline's time in the same round, and the median ratio is reported with its

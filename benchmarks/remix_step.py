@@ -8,7 +8,7 @@ Three steps on the same B examples of the same frozen model, experts of r=8 on t
     per-row losses, log Q of every layer, the surrogate, backward;
   - topk_same_rows: top-2 on the same M x B rows, i.e. the work ReMix's M selections cost anyway;
     remix / topk_same_rows is the overhead of sampling, log Q and the surrogate themselves.
-A step is zero_grad, forward, loss, backward and an AdamW step. PERFORMANCE.md protocol: one process,
+A step is zero_grad, forward, loss, backward and an AdamW step. benchmarks/harness.py's protocol: one process,
 fixed threads, warm-up, A B C A B C ... alternation, median ratio to topk with its interquartile range.
 """
 

@@ -1,4 +1,4 @@
-"""Export: what can leave lomix (DESIGN.md, "Export").
+"""Export: what can leave lomix (docs/deploy.md, "Merge, compress, export").
 
 A mixture whose routing is FIXED (the same experts and gates for every token: Poly/MHR for a known
 task, a GLIDER global route, a router frozen to an expert set such as ``fixed``) is one LoRA per

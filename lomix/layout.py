@@ -1,6 +1,6 @@
 """How a merged mixture is laid out: which bank expert each router expert feeds, plus sparse residuals.
 
-MC-SMoE merging (`lomix.merge`, METHODS.md section 5) keeps every router's E logits but leaves a
+MC-SMoE merging (`lomix.merge`, docs/deploy.md) keeps every router's E logits but leaves a
 layer with G <= E experts in its bank: router expert i feeds bank expert ``expert_map[layer][i]``,
 and a merged expert takes the summed gate of its members. The kernels already sum the gates of
 duplicate expert ids within a token's row, so rebinding is one lookup of the router's indices.

@@ -1,4 +1,4 @@
-"""MC-SMoE for LoRA experts: merge each layer's experts into fewer, then compress (METHODS.md section 5).
+"""MC-SMoE for LoRA experts: merge each layer's experts into fewer, then compress (docs/deploy.md).
 
     with lomix.RoutingStats(model) as stats:      # calibration data through the trained mixture
         for batch in calibration:
@@ -6,7 +6,7 @@
     report = lomix.merge.merge_mixture(model, stats, lomix.merge.MergeOptions(experts=4))
     lomix.save(model, "merged")                   # loads with lomix.load like any mixture
 
-The steps, per METHODS.md and the paper ("Merge, Then Compress", ICLR 2024), ported from the math
+The steps, per the paper ("Merge, Then Compress", ICLR 2024), ported from the math
 rather than from the public grouping code:
 
 1. Statistics (`lomix.RoutingStats`): f_i, the fraction of tokens whose selection includes expert

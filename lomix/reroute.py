@@ -1,4 +1,4 @@
-"""Test-time rerouting ("Rewiring Experts on the Fly", METHODS.md section 8).
+"""Test-time rerouting ("Rewiring Experts on the Fly", docs/methods.md, "Test-time rerouting").
 
 Before generating, optimise one additive vector delta_l (size E, one per sequence) per selected
 mixture layer, added to that layer's router logits, on the sequence's own next-token loss, for a

@@ -1,4 +1,4 @@
-"""GLIDER (METHODS.md section 4): local PHATGOOSE logits, the global description score, their
+"""GLIDER (docs/methods.md, "GLIDER"): local PHATGOOSE logits, the global description score, their
 combination, the embedding path against sentence-transformers, and the expert library."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def reference_layer_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 def reference_routing(x, gate_vectors, global_scores, alpha, k):
-    """METHODS.md section 4 as written, per token, in float64, with Python loops."""
+    """The GLIDER formulas (docs/methods.md) as written, per token, in float64, with Python loops."""
     d_in = x.shape[-1]
     xs, vs = reference_layer_norm(x), reference_layer_norm(gate_vectors)
     rows = []

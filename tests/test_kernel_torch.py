@@ -1,4 +1,4 @@
-"""The torch kernels against a naive per-token, per-slot loop (the math of METHODS.md)."""
+"""The torch kernels against a naive per-token, per-slot loop (the formula of `lomix.kernels.mixture_lora`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRA-Mixer (METHODS.md section 2): the loramixer router's stages against naive references, the
+"""LoRA-Mixer (docs/methods.md, "LoRA-Mixer"): the loramixer router's stages against naive references, the
 specialization balance loss against a hand-computed example, the hard stage's expert isolation under
 AdamW, serial targets on Llama and on an SSM (Mamba), and PEFT adapters as plug-and-play experts."""
 

@@ -180,7 +180,7 @@ def test_weights_are_sigmoid_normalised_per_head_and_noisy_only_in_training():
 
 @pytest.mark.parametrize("temperature", [0.25, 3.0])
 def test_training_noise_is_the_gumbel_sigmoid_at_the_configured_temperature(temperature):
-    """z = sigmoid((Z[t] + log u - log(1 - u)) / tau), u ~ U(0, 1), per head normalised (METHODS.md 1),
+    """z = sigmoid((Z[t] + log u - log(1 - u)) / tau), u ~ U(0, 1), per head normalised (docs/methods.md),
     replayed from the same RNG state with the configured tau; tau = 1 (the default) would differ."""
     r = router(temperature=temperature).train()
     task_ids = torch.tensor([0, 2, 2, 1])

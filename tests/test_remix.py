@@ -29,7 +29,7 @@ def one_thread():
 
 
 def product_log_q(logits: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """METHODS.md 3 as printed, in float64: sum_j log q_{i_j} - log(1 - sum_{j'<j} q_{i_j'})."""
+    """ReMix's log-likelihood (docs/methods.md), float64: sum_j log q_{i_j} - log(1 - sum_{j'<j} q_{i_j'})."""
     q = logits.double().softmax(-1)
     total, taken = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for i in order:

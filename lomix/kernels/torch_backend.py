@@ -325,7 +325,7 @@ def mixture_lora_torch(
 
 
 def mix_parameters(A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence, per-head mixed LoRA factors (Poly / MHR, METHODS.md section 1).
+    """Per-sequence, per-head mixed LoRA factors (Poly / MHR, docs/methods.md, "Task routing").
 
     Head q owns the q-th slice of d_in in A and of d_out in B.
     A (E, r, d_in), B (E, d_out, r), weights (batch, h, E) -> A_mix (batch, r, d_in), B_mix (batch, d_out, r).

@@ -1,6 +1,6 @@
 """Arrow: training-free per-token routing over a library of LoRA experts.
 
-METHODS.md section 7 (Ostapenko et al. 2024, arXiv:2405.11157; PEFT's ``ArrowConfig``). For each
+docs/methods.md, "Arrow" (Ostapenko et al. 2024, arXiv:2405.11157; PEFT's ``ArrowConfig``). For each
 layer and expert e, the prototype v_e is the top right-singular vector of the expert's update
 Delta W_e = B_e A_e (a unit vector of size d_in, defined up to sign). A token x is scored by
 

@@ -1,7 +1,7 @@
 """A fixed route: every token uses the same user-given experts with the same weights.
 
 This is a mixture "frozen to one expert set"; such a mixture is a single LoRA and can be exported
-as one (DESIGN.md, Export).
+as one (docs/deploy.md, "Merge, compress, export").
 """
 
 from __future__ import annotations
