@@ -157,12 +157,12 @@ def strategy_table(args, k: int) -> list[dict]:
             table = ratio_table(
                 {name: _chain(passes) for name, passes in candidates.items()}, "base", max(args.rounds // 2, 8)
             )
-            d_in, d_out = shapes[-1]
             extra = sum(torch_backend.dense_extra_flops(n_exp, rank, i, o) * i * o for i, o in shapes) / sum(
                 i * o for i, o in shapes
             )
-            dense = torch_backend.prefers_dense(n_exp, rank, d_in, d_out, k, tokens)
-            picks = "dense" if dense else "bags"
+            dense = sum(torch_backend.prefers_dense(n_exp, rank, i, o, k, tokens) for i, o in shapes)
+            # the rule is per layer: a block's projections of different widths may split
+            picks = "dense" if dense == len(shapes) else "bags" if not dense else f"{dense} of {len(shapes)} dense"
             print(
                 f"| {n_exp} | {extra:.3f} | {fmt(table['dense'])} | {fmt(table['sorted'])} | {fmt(table['bags'])} "
                 f"| {picks} |"

@@ -45,7 +45,7 @@ DENSE_MAX_EXPERTS_PER_ACTIVE = 4
 DENSE_MAX_MACS = 1e8
 # Beyond dense, the bag strategy where it runs (fp32/fp64 CPU): it beat the sorted grid at every
 # SmolLM2 shape and E past dense (one block's seven projections, forward+backward with routing, over
-# the base's: 2.25 vs 2.87 at E=64, 1,536 tokens; 3.10 vs 3.75 at 256 tokens; 2 threads,
+# the base's: 2.29 vs 3.09 at E=64, 1,536 tokens; 3.13 vs 4.40 at 256 tokens; 2 threads,
 # benchmarks/results/layer_strategies_smollm2_cpu.json). Off: the sorted grid (benchmarks compare).
 USE_BAGS = True
 
@@ -285,9 +285,9 @@ def mixture_lora_bags(
     if tokens and num_experts:
         # The sampled product reads the columns it is given unchecked: an id outside [0, E) would read
         # outside A (dense and sorted raise on it), so check the range first (no device wait on the CPU).
-        low, high = torch.aminmax(indices)
-        if int(low) < 0 or int(high) >= num_experts:
-            raise IndexError(f"expert indices must lie in [0, {num_experts}); got {int(low)}..{int(high)}")
+        low, high = (int(v) for v in torch.aminmax(indices))
+        if low < 0 or high >= num_experts:
+            raise IndexError(f"expert indices must lie in [0, {num_experts}); got {low}..{high}")
     if tokens == 0 or k > num_experts:
         # No tokens: dense keeps the empty result in the graph. k > E: more bag entries than matrix
         # entries, which torch's sampled product refuses (and dense is all the work there is anyway).
